@@ -1,0 +1,5 @@
+"""Make the repository importable from tests, whatever the working directory."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -1,0 +1,27 @@
+"""Running the console from tests: in-process (fast) or as a subprocess (signals, exit codes)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import final_test
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny but complete recipe: generated data, small models, one epoch on CPU.
+TINY = ["--dataset", "synthetic", "--train_subset", "600", "--epochs", "1", "--schedule", "1", "--seed", "3",
+        "--gpu_id", "cpu", "--batch_size", "64", "--teacher", "res14", "--student", "res8"]
+
+
+def run_inprocess(args, capsys=None) -> int:
+    """Call the console's ``main`` with ``args``; returns the exit code (SystemExit included)."""
+    try:
+        return final_test.main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+
+
+def run_subprocess(args, cwd, timeout=600, script="final_test.py") -> subprocess.CompletedProcess:
+    """Run a console script of the repo in a fresh Python process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

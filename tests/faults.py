@@ -1,0 +1,98 @@
+"""Shared tools of the fault tests: a tiny image-folder dataset, a fast recipe, and file-tree snapshots.
+
+The recipe trains on 100 images of 16x16 pixels (4 classes, 20 more held out for validation), three
+batches an epoch, so a whole three-epoch run takes a few seconds on a busy CPU.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from checkpoints import safe_load
+from console import ROOT, TINY
+
+CLASSES = 4
+
+
+def make_imagefolder(root: Path, train_per_class: int = 30, test_per_class: int = 10, size: int = 16) -> Path:
+    """Write ``root/{train,test}/<class>/<n>.png``: each class a colour, with noise so it is learnable."""
+    rng = np.random.default_rng(0)
+    colours = rng.integers(40, 215, size=(CLASSES, 3))
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for c in range(CLASSES):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(count):
+                pixels = colours[c] + rng.normal(0, 40, size=(size, size, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{n}.png")
+    return root
+
+
+def recipe(data_dir: Path, epochs: int = 3) -> list:
+    """Console flags of the fast deterministic CPU recipe on ``data_dir`` (res8 teacher and student).
+
+    Built on TINY (later flags win), so the tiny defaults the other tests rely on apply here too.
+    """
+    return [*TINY, "--dataset", "imagefolder", "--data_dir", data_dir, "--val_size", "20", "--train_subset", "0",
+            "--batch_size", "40", "--epochs", epochs, "--schedule", max(1, epochs - 1), "--seed", "5",
+            "--teacher", "res8", "--student", "res8", "--deterministic", "--num_workers", "0"]
+
+
+def tree(root: Path) -> dict:
+    """Every file and folder under ``root`` with its size and modification time (to prove nothing changed)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.stat()
+            out[str(path.relative_to(root))] = (path.is_dir(), 0 if path.is_dir() else st.st_size, st.st_mtime_ns)
+    return out
+
+
+def start(args, cwd) -> subprocess.Popen:
+    """Start the console in a fresh process (for signals); stdout and stderr are kept.
+
+    One intra-op thread, like the tests' own process (``one_thread``): several processes share this
+    machine's cores, and results compared bit for bit must come from the same thread count.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "final_test.py"), *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_state(proc: subprocess.Popen, state: Path, timeout: float = 240.0) -> None:
+    """Poll until the run's resumable checkpoint appears (the end of its first epoch)."""
+    deadline = time.time() + timeout
+    while not state.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before its first checkpoint:\n{proc.communicate()[1]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("no checkpoint appeared in time")
+        time.sleep(0.01)
+
+
+def kill_after_first_epoch(args, cwd, state: Path) -> dict:
+    """Run the console, SIGKILL it as soon as its epoch-1 checkpoint exists; return that checkpoint."""
+    proc = start(args, cwd)
+    wait_for_state(proc, state)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    return safe_load(state, "state")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Train with one intra-op thread for the module's duration (see ``start``), then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

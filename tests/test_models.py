@@ -1,0 +1,63 @@
+"""Every registry model: logits and mount-point shapes at 32 and 64 pixels, and parameter counts."""
+import pytest
+import torch
+
+from dih_utils import build_heads
+from errors import UserError
+from models_repo import MODELS, build_model, count_parameters
+
+# The method's table (REFERENCE.md section 3), 100 classes; approximate ones within 1%.
+EXPECTED_PARAMS = {"res8": 83_892, "res14": 181_108, "res20": 278_324, "res110": 1_736_564,
+                   "res18": 11_220_132, "res34": 21_328_292, "vgg11": 9_280_000, "wrn-28-2": 1_470_000}
+# (channels, stride relative to the input) of each mount point.
+MOUNTS = {
+    "res8": [(16, 1), (32, 2), (64, 4)], "res14": [(16, 1), (32, 2), (64, 4)],
+    "res20": [(16, 1), (32, 2), (64, 4)], "res110": [(16, 1), (32, 2), (64, 4)],
+    "res18": [(64, 1), (128, 2), (256, 4), (512, 8)], "res34": [(64, 1), (128, 2), (256, 4), (512, 8)],
+    "vgg11": [(64, 2), (128, 4), (256, 8), (512, 16)], "wrn-28-2": [(32, 1), (64, 2), (128, 4)],
+}
+
+
+def test_registry_names():
+    assert set(MODELS) == set(EXPECTED_PARAMS)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_parameter_count(name):
+    got = count_parameters(build_model(name, 100))
+    assert abs(got - EXPECTED_PARAMS[name]) <= 0.01 * EXPECTED_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", ["res8", "res20", "res110", "res18"])
+def test_exact_counts_of_the_resnets(name):
+    assert count_parameters(build_model(name, 100)) == EXPECTED_PARAMS[name]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_shapes(name, size):
+    model = build_model(name, 7).eval()
+    with torch.no_grad():
+        logits, feats, emb = model(torch.randn(2, 3, size, size), features=True)
+        assert torch.equal(model(torch.zeros(1, 3, size, size)), model(torch.zeros(1, 3, size, size)))
+    assert logits.shape == (2, 7)
+    assert [tuple(f.shape) for f in feats] == [(2, c, size // s, size // s) for c, s in MOUNTS[name]]
+    assert emb.shape == (2, model.embedding_dim)
+    heads = build_heads(model, 7, size)
+    assert len(heads) == len(MOUNTS[name])
+    for head, f, (c, s) in zip(heads, feats, MOUNTS[name]):
+        assert head.fc.in_features == c * (size // s) ** 2 and head(f).shape == (2, 7)
+
+
+def test_forward_from_matches_forward():
+    model = build_model("res14", 10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits, feats, _ = model(x, features=True)
+        for i, f in enumerate(feats):
+            assert torch.allclose(model.forward_from(i, f), logits, atol=1e-6)
+
+
+def test_unknown_model_is_a_user_error():
+    with pytest.raises(UserError, match="unknown model 'res9'"):
+        build_model("res9", 10)

@@ -1,0 +1,140 @@
+"""FitNets (Romero et al. 2015) in two stages: hint regression on the student's lower part, then KD.
+
+Stage 1 trains the student's stem and stages up to the guided layer (plus a regressor when the maps'
+shapes differ) to regress the teacher's hint layer with an L2 loss; the rest of the student is never
+run in training and keeps its initial weights and batch-norm statistics. Stage 2 is the run's KD on the
+whole student, initialised from the stage-1 model.
+"""
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from checkpoints import load_model_file
+from dih_utils import Cohort, freeze, mount_shapes
+from errors import UserError
+from KD_Loss import hint_loss
+from models_repo import count_parameters
+from train_funcs import (OptimConfig, RunContext, RunPaths, StudentMethod, claim_outputs, distil, load_teacher,
+                         model_meta, new_model, run_phase, skeleton)
+
+# Default stage-1 milestones, as fractions of --epochs_fitnets_1 (20 and 30 of 40 epochs).
+STAGE1_MILESTONE_FRACTIONS = (0.5, 0.75)
+
+
+def middle_stage(num_stages: int) -> int:
+    """The default hint/guided stage: the middle one (the lower middle for an even count)."""
+    return (num_stages - 1) // 2
+
+
+def resolve_layer(flag: str, value: int | None, arch: str, num_stages: int) -> int:
+    """The 0-based stage index of ``--hint_layer``/``--guided_layer``, refusing one the model lacks."""
+    if value is None:
+        return middle_stage(num_stages)
+    if not 0 <= value < num_stages:
+        raise UserError(f"{flag} {value} does not exist: {arch} has {num_stages} stages (0..{num_stages - 1})")
+    return value
+
+
+def stage1_config(args) -> OptimConfig:
+    """Stage 1's optimizer settings; checked here since only FitNets reads them."""
+    epochs = args.epochs_fitnets_1
+    if epochs <= 0:
+        raise UserError(f"--epochs_fitnets_1 must be positive, got {epochs}")
+    if args.schedule_fitnets_1 is None:
+        milestones = sorted({max(1, round(f * epochs)) for f in STAGE1_MILESTONE_FRACTIONS})
+    else:
+        milestones = list(args.schedule_fitnets_1)
+    checks = [
+        (args.lr_fitnets_1 > 0, f"--lr_fitnets_1 must be positive, got {args.lr_fitnets_1}"),
+        (args.wd_fitnets_1 >= 0, f"--wd_fitnets_1 must not be negative, got {args.wd_fitnets_1}"),
+        (0 <= args.momentum_fitnets_1 < 1, f"--momentum_fitnets_1 must be in [0, 1), got {args.momentum_fitnets_1}"),
+        (args.schedule_gamma_fitnets_1 > 0,
+         f"--schedule_gamma_fitnets_1 must be positive, got {args.schedule_gamma_fitnets_1}"),
+        (all(0 < m <= epochs for m in milestones),
+         f"--schedule_fitnets_1 milestones must lie in 1..{epochs} (--epochs_fitnets_1), got {milestones}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return OptimConfig(epochs, args.lr_fitnets_1, args.wd_fitnets_1, tuple(milestones),
+                       args.schedule_gamma_fitnets_1, args.momentum_fitnets_1, args.nesterov_fitnets_1)
+
+
+def build_regressor(student_shape: tuple, teacher_shape: tuple) -> nn.Module:
+    """The hint regressor: 3x3 conv (no bias) + batch norm from the student's channels to the teacher's.
+
+    Identity when the shapes already agree; a spatial mismatch is left to ``hint_loss``, which pools the
+    larger map to the smaller size.
+    """
+    if tuple(student_shape) == tuple(teacher_shape):
+        return nn.Identity()
+    cin, cout = student_shape[0], teacher_shape[0]
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
+
+
+def final_output(out: Path) -> Path:
+    """Where stage 2 writes: ``runs/x.pth`` -> ``runs/x_final.pth``."""
+    return out.with_name(f"{out.stem}_final{out.suffix}")
+
+
+class HintTraining(StudentMethod):
+    """FitNets stage 1: the student's stem and stages up to ``guided`` (and the regressor) learn the hint."""
+
+    def __init__(self, student: nn.Module, meta: dict, teacher: nn.Module, regressor: nn.Module, hint: int,
+                 guided: int):
+        super().__init__(student, meta)
+        self.cohort = Cohort(teacher)
+        self.regressor = regressor
+        self.hint, self.guided = hint, guided
+        # A plain list, so these are not registered twice; frozen and kept in eval mode throughout.
+        self.untouched = [freeze(m) for m in (*student.stages[guided + 1:], student.tail, student.fc)]
+
+    def train(self, mode: bool = True):
+        """Train mode for the trained part only: the untouched part stays in eval mode."""
+        super().train(mode)
+        for m in self.untouched:
+            m.eval()
+        return self
+
+    def forward(self, x, y, idx):
+        """Hint loss of the regressed guided map; logits through the untouched part, for the progress line."""
+        _, teacher_feats, _ = self.cohort.features(x)
+        feat = self.student.stem(x)
+        for stage in self.student.stages[:self.guided + 1]:
+            feat = stage(feat)
+        loss = hint_loss(self.regressor(feat), teacher_feats[self.hint])
+        with torch.no_grad():
+            logits = self.student.forward_from(self.guided, feat)
+        return loss, logits
+
+
+def train_fitnets(ctx: RunContext) -> dict:
+    """``--training_type fitnets``: stage 1 (hint) to ``--path_to_save``, stage 2 (KD) to ``<stem>_final``."""
+    args, info = ctx.args, ctx.info
+    cfg1 = stage1_config(args)
+    k_teacher, k_student = skeleton(ctx, args.teacher).num_stages, skeleton(ctx, args.student).num_stages
+    hint = resolve_layer("--hint_layer", args.hint_layer, args.teacher, k_teacher)
+    guided = resolve_layer("--guided_layer", args.guided_layer, args.student, k_student)
+    teacher = load_teacher(ctx)
+    stage1, stage2 = RunPaths.for_output(ctx.out), RunPaths.for_output(final_output(ctx.out))
+    done1, done2 = claim_outputs(ctx, [stage1, stage2])
+
+    student = new_model(ctx, args.student)
+    t_shape = mount_shapes(teacher, info.image_size)[hint]
+    s_shape = mount_shapes(student, info.image_size)[guided]
+    regressor = build_regressor(s_shape, t_shape).to(ctx.device)
+    n_reg = count_parameters(regressor)
+    ctx.say(f"[fitnets_1] hint: {args.teacher} stage {hint} {t_shape} <- guided: {args.student} stage {guided} "
+            f"{s_shape}; regressor {'conv3x3+BN' if n_reg else 'none (same shape)'}: {n_reg:,} parameters")
+    layers = {"hint_layer": hint, "guided_layer": guided}
+    meta1 = model_meta(ctx, args.student, teacher=args.teacher, stage=1, regressor_parameters=n_reg,
+                       stage_2_model=str(stage2.final), **layers)
+    run_phase(HintTraining(student, meta1, teacher, regressor, hint, guided), ctx, stage1, cfg1, "fitnets_1",
+              meta1, done1)
+
+    # Stage 2 starts from the last stage-1 epoch: stage 1's accuracy cannot select anything.
+    student = new_model(ctx, args.student)
+    load_model_file(stage1.final, student, args.student, info.num_classes, "FitNets stage-1 checkpoint", info.name)
+    return distil(ctx, teacher, None, args.student, stage2, "fitnets_2", done2, student=student, stage=2,
+                  stage_1_model=str(stage1.final), stage_1_result=str(stage1.result), **layers)
