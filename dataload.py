@@ -10,6 +10,7 @@ reproduces an epoch exactly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -677,11 +678,21 @@ def _subset(split: Split, index: torch.Tensor) -> Split:
 # Augmentation and normalisation
 
 
+@functools.lru_cache(maxsize=None)
+def _channel_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """Per-channel constants ``(C, 1, 1)`` float32 on ``device``, made once per device.
+
+    Building them per batch would copy host data to the device every batch, which on CUDA waits for
+    the device to finish its queued work.
+    """
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+
 def normalize(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 images ``(..., 3, H, W)`` to float32 on the same device, scaled to [0, 1] then standardised per channel."""
     x = images_uint8.float().div_(255.0)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    mean_t = _channel_constants(tuple(map(float, mean)), x.device)
+    std_t = _channel_constants(tuple(map(float, std)), x.device)
     # Subtract-then-divide in the same order as torchvision's Normalize so the two pipelines agree bit for bit.
     return x.sub_(mean_t).div_(std_t)
 

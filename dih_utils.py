@@ -60,6 +60,12 @@ class Cohort:
         self.teacher = freeze(teacher)
         self.heads = freeze(heads) if heads is not None else nn.ModuleList()
 
+    def to(self, *args, **kwargs) -> "Cohort":
+        """Move or convert the teacher and the heads in place, as ``nn.Module.to`` does (device, memory format)."""
+        self.teacher.to(*args, **kwargs)
+        self.heads.to(*args, **kwargs)
+        return self
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[final teacher logits, head_1 logits, ..., head_k logits] without building a graph."""

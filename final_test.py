@@ -104,9 +104,13 @@ def build_parser(prog: str = "final_test.py") -> Parser:
                    help="on a non-finite loss: stop the run, or skip the batch and count it")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms, no cuDNN benchmarking (reproducible, slower)")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA (losses in float32)")
-    p.add_argument("--channels_last", action="store_true", help="channels-last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast on the training device, CUDA or CPU (losses in float32); on a CPU it is "
+                        "faster only with native bfloat16 (AVX512-BF16, AMX), bench/bench.py --amp measures it")
+    p.add_argument("--channels_last", action="store_true",
+                   help="channels-last memory format for the trained modules, the frozen teacher/heads and the input")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (needs a C compiler on CPU; the first batches compile)")
     g = p.add_argument_group("multi-GPU (torchrun)", "used when launched with torchrun (README, Multi-GPU)")
     g.add_argument("--scale_lr", action="store_true",
                    help="multiply --lr by the number of processes (the global batch is world size x --batch_size)")

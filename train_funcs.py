@@ -201,10 +201,62 @@ def headline(metrics: dict) -> float:
 
 
 def autocast(ctx: RunContext):
-    """bfloat16 autocast on CUDA with ``--amp``; a no-op otherwise."""
-    if getattr(ctx.args, "amp", False) and ctx.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bfloat16 autocast on the run's device (CUDA or CPU) with ``--amp``; a no-op otherwise.
+
+    On a CPU it pays off only where the processor computes in bfloat16 natively (AVX512-BF16, AMX);
+    losses stay float32 either way (KD_Loss).
+    """
+    if getattr(ctx.args, "amp", False):
+        return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def prepare_step(method: "Method", ctx: RunContext) -> nn.Module:
+    """Put ``method`` and its frozen cohort on the run's device and memory format; return the step callable.
+
+    ``--channels_last`` converts the cohort too: it is not a submodule, so ``method.to`` never reaches it.
+    The callable is ``method``, wrapped in DDP under torchrun, and with ``--compile`` the wrapped module is
+    compiled (Dynamo then splits the graph at DDP's gradient buckets, so their all-reduce still overlaps the backward).
+    """
+    args = ctx.args
+    method.to(ctx.device)
+    if getattr(args, "channels_last", False):
+        method.to(memory_format=torch.channels_last)
+        if method.cohort is not None:
+            method.cohort.to(memory_format=torch.channels_last)
+    model = ctx.dist.wrap(method, ctx.device, getattr(args, "sync_bn", False), method.find_unused_parameters)
+    return torch.compile(model) if getattr(args, "compile", False) else model
+
+
+def forward_loss(step_fn, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, ctx: RunContext):
+    """One training forward as ``fit`` runs it: ``(float32 loss, logits)``.
+
+    The input is made channels-last with ``--channels_last``; the whole forward, the frozen cohort's pass
+    included, runs under ``--amp`` autocast (the backward pass is outside it, as autocast requires).
+    """
+    if getattr(ctx.args, "channels_last", False):
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(ctx):
+        loss, logits = step_fn(x, y, idx)
+    return loss.float(), logits
+
+
+def train_step(opt, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Back-propagate ``loss``, step ``opt``, and add the batch's loss, hits and size to ``sums`` on the device.
+
+    Returns whether the loss was non-finite, as a device tensor: nothing here waits for the device.
+    """
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        bad = ~torch.isfinite(loss)
+        # Python numbers only: a tensor made from host data is copied to the device, and on CUDA that copy
+        # waits for the device to finish its queue (a host sync every batch).
+        sums[0] += torch.where(bad, 0.0, loss) * y.numel()
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += y.numel()
+    return bad
 
 
 # ----------------------------------------------------------------------------- RNG and signals
@@ -375,16 +427,11 @@ def fit(method: Method, ctx: RunContext, paths: RunPaths, cfg: OptimConfig, phas
     seed, the frozen cohort's fingerprint and the arguments. A signal writes it after the current batch.
     """
     args, device, dist = ctx.args, ctx.device, ctx.dist
-    method.to(device)
-    channels_last = getattr(args, "channels_last", False)
-    if channels_last:
-        method.to(memory_format=torch.channels_last)
+    step_fn = prepare_step(method, ctx)
     trainable = [p for p in method.parameters() if p.requires_grad]
     if getattr(args, "scale_lr", False):
         cfg = replace(cfg, lr=cfg.lr * dist.world_size)  # linear scaling: the global batch is world_size times larger
     opt, sched = make_optimizer(trainable, cfg)
-    model = dist.wrap(method, device, getattr(args, "sync_bn", False), method.find_unused_parameters)
-    step_fn = torch.compile(model) if getattr(args, "compile", False) else model
     generator = torch.Generator().manual_seed(ctx.seed)
     cohort_id = cohort_fingerprint(method)
     record = {"format": FORMAT, "training_type": args.training_type, "phase": phase, "seed": ctx.seed,
@@ -457,22 +504,12 @@ def fit(method: Method, ctx: RunContext, paths: RunPaths, cfg: OptimConfig, phas
             epoch_start = last_refresh = time.time()
             seen = 0
             for b, (x, y, idx) in enumerate(bar, start=skip):
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(ctx):
-                    loss, logits = step_fn(x, y, idx)
-                loss = loss.float()
+                loss, logits = forward_loss(step_fn, x, y, idx, ctx)
                 if args.nan_policy == "skip" and not all_finite(loss, dist):
                     record["nan_skipped"] += 1
                 else:
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    with torch.no_grad():
-                        bad = ~torch.isfinite(loss)
-                        first_bad = torch.where(bad & (first_bad < 0), b, first_bad)
-                        sums += torch.stack([torch.where(bad, 0.0, loss) * y.numel(),
-                                             (logits.argmax(1) == y).sum().float(), sums.new_tensor(y.numel())])
+                    bad = train_step(opt, loss, logits, y, sums)
+                    first_bad = torch.where(bad & (first_bad < 0), b, first_bad)
                     seen += y.numel()
                 stopping = stop.requested(b)
                 now = time.time()
