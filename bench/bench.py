@@ -52,14 +52,14 @@ from train_fitnets import HintTraining, build_regressor, middle_stage  # noqa: E
 SHAPES = {"cifar10": (10, 32, 50_000), "cifar100": (100, 32, 50_000), "tiny-imagenet": (200, 64, 100_000)}
 METHODS = ("ce", "fine_tune", "kd", "dih", "fitnets", "at", "crd", "tofd", "mhkd")
 EPOCH_METHODS = ("ce", "fine_tune", "kd", "dih")
-# The method's defaults (REFERENCE: T = 5, alpha = 0.1); the values do not change the cost.
-ALPHA, TEMPERATURE = 0.1, 5.0
 # What the README promises; the benchmark reports whether this run met it.
 TARGETS = {"dih_to_floor": ("<=", 1.10), "fine_tune_to_teacher_inference": ("<=", 1.10),
            "loader_to_device_epoch": (">=", 1.5)}
 MIB = 2 ** 20
 # The student's CE epoch timed on both data paths (over --loader_images images).
 DATA_PATH_RUN = "ce_data_path"
+# The same data drawn on both paths with nothing trained: the cost of the data path alone.
+DATA_ONLY_RUN = "data_only"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,13 +88,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epoch_repeats", type=int, default=3, help="interleaved repeats of the epochs")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers of the loader path")
     p.add_argument("--test_images", type=int, default=256, help="generated test images (fit evaluates them)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads of torch (0: torch's default); on a shared, loaded machine 1 avoids OpenMP "
+                        "threads waiting for each other, which can be ten times slower")
     p.add_argument("--out", default=None, help="write the results as JSON here (e.g. bench/results/<name>.json)")
     args = p.parse_args(argv)
     for flag in ("batch_size", "steps", "repeats", "epoch_images", "loader_images", "epoch_repeats", "test_images"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
-    if args.warmup < 0 or args.num_workers < 0:
-        p.error("--warmup and --num_workers must not be negative")
+    if args.warmup < 0 or args.num_workers < 0 or args.threads < 0:
+        p.error("--warmup, --num_workers and --threads must not be negative")
     missing = sorted(set(args.epoch_methods) - set(args.methods) - {"ce"})
     if missing:
         p.error(f"--epoch_methods {' '.join(missing)} must also be in --methods")
@@ -127,6 +130,11 @@ def make_ctx(opts, data: dataload.DataBundle, training_type: str, data_path: str
     argv += [f"--{flag}" for flag in ("amp", "channels_last", "compile") if getattr(opts, flag)]
     args = final_test.build_parser().parse_args(argv)
     return train_funcs.RunContext(args, torch.device(opts.device), data, from_env(), 0, out)
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (the report goes to stdout)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def synchronize(device: torch.device) -> None:
@@ -167,12 +175,14 @@ def same_stages(opts) -> bool:
     return build_model(opts.teacher, 10).num_stages == build_model(opts.student, 10).num_stages
 
 
-def build_methods(opts, info: dataload.DatasetInfo, device: torch.device) -> tuple[dict, dict, list]:
+def build_methods(opts, args, device: torch.device) -> tuple[dict, dict, list]:
     """Every timed training method (name -> Method), the frozen cohorts (name -> Cohort), and skipped methods.
 
-    Models are randomly initialised: weights do not change the cost. Frozen models go to the device (and
-    to channels-last) as the console's loaders put them there; ``prepare_step`` does the rest.
+    Hyper-parameters are the console's defaults (``args``). Models are randomly initialised: weights do not
+    change the cost. Frozen models go to the device (and to channels-last) as the console's loaders put them
+    there; ``prepare_step`` does the rest.
     """
+    alpha, temperature = args.kd_alpha, args.kd_temperature
     classes, size, n_dataset = SHAPES[opts.dataset]
 
     def frozen(module):
@@ -191,14 +201,15 @@ def build_methods(opts, info: dataload.DatasetInfo, device: torch.device) -> tup
     makers = {
         "ce": lambda: train_funcs.CrossEntropy(student(), {}),
         "fine_tune": lambda: train_funcs.HeadTuning(teacher, build_heads(teacher, classes, size), {}),
-        "kd": lambda: train_funcs.Distillation(student(), {}, cohorts["teacher"], ALPHA, TEMPERATURE),
-        "dih": lambda: train_funcs.Distillation(student(), {}, cohorts["teacher_and_heads"], ALPHA, TEMPERATURE),
-        "dih_original": lambda: OriginalDIH(student(), teacher, heads, ALPHA, TEMPERATURE),
+        "kd": lambda: train_funcs.Distillation(student(), {}, cohorts["teacher"], alpha, temperature),
+        "dih": lambda: train_funcs.Distillation(student(), {}, cohorts["teacher_and_heads"], alpha, temperature),
+        "dih_original": lambda: OriginalDIH(student(), teacher, heads, alpha, temperature),
         "fitnets": lambda: fitnets_stage1(student(), teacher, size),
-        "at": lambda: AttentionTransfer(student(), {}, cohorts["teacher"], 1000.0, 2.0, 0.0, TEMPERATURE),
-        "crd": lambda: crd(student(), teacher, classes, n_dataset, device),
-        "tofd": lambda: tofd(opts, student(), teacher, classes, size, frozen),
-        "mhkd": lambda: mhkd(student(), teacher, classes, size, frozen),
+        "at": lambda: AttentionTransfer(student(), {}, cohorts["teacher"], args.at_beta, args.at_p, args.at_kd_alpha,
+                                        temperature),
+        "crd": lambda: crd(args, student(), teacher, classes, n_dataset, device),
+        "tofd": lambda: tofd(args, student(), teacher, classes, size, frozen),
+        "mhkd": lambda: mhkd(args, student(), teacher, classes, size, frozen),
     }
     wanted = ["ce"] + [m for m in opts.methods if m != "ce"] + (["dih_original"] if "dih" in opts.methods else [])
     skipped = [m for m in wanted if m in ("at", "tofd", "mhkd") and not same_stages(opts)]
@@ -213,28 +224,30 @@ def fitnets_stage1(student, teacher, size: int) -> HintTraining:
     return HintTraining(student, {}, teacher, regressor, hint, guided)
 
 
-def crd(student, teacher, classes: int, n_dataset: int, device: torch.device) -> CRDMethod:
+def crd(args, student, teacher, classes: int, n_dataset: int, device: torch.device) -> CRDMethod:
     """CRD with memory banks as large as the real training set's (the (B, N) scores scale with N)."""
     g = torch.Generator().manual_seed(1)
     labels = torch.randint(0, classes, (n_dataset,), generator=g).to(device)
-    nce_k = min(16384, negatives_available(labels))
-    return CRDMethod(student, teacher, {}, labels, 128, nce_k, 0.07, 0.5, ALPHA, DEFAULT_BETA["crd"], TEMPERATURE,
-                     torch.Generator(device).manual_seed(2))
+    nce_k = min(args.nce_k, negatives_available(labels))
+    return CRDMethod(student, teacher, {}, labels, args.feat_dim, nce_k, args.nce_t, args.nce_m, args.kd_alpha,
+                     DEFAULT_BETA["crd"], args.kd_temperature, torch.Generator(device).manual_seed(2))
 
 
-def tofd(opts, student, teacher, classes: int, size: int, frozen) -> TOFDMethod:
+def tofd(args, student, teacher, classes: int, size: int, frozen) -> TOFDMethod:
     """TOFD with fresh auxiliary classifiers on both sides and the links between their maps."""
-    aux = build_aux(opts.student, classes).to(next(student.parameters()).device)
-    teacher_aux = frozen(build_aux(opts.teacher, classes))
+    aux = build_aux(args.student, classes).to(next(student.parameters()).device)
+    teacher_aux = frozen(build_aux(args.teacher, classes))
     links = build_links(map_shapes(student, aux, size), map_shapes(teacher, teacher_aux, size))
-    return TOFDMethod(student, aux, links, {}, Cohort(teacher, teacher_aux), ALPHA, DEFAULT_BETA["tofd"], TEMPERATURE)
+    return TOFDMethod(student, aux, links, {}, Cohort(teacher, teacher_aux), args.kd_alpha, DEFAULT_BETA["tofd"],
+                      args.kd_temperature)
 
 
-def mhkd(student, teacher, classes: int, size: int, frozen) -> MHKDMethod:
+def mhkd(args, student, teacher, classes: int, size: int, frozen) -> MHKDMethod:
     """MHKD with fresh multi-layer heads on both sides (the teacher's frozen)."""
     heads = build_multi_heads(student, classes, size)
     teacher_heads = frozen(build_multi_heads(teacher, classes, size))
-    return MHKDMethod(student, heads, {}, Cohort(teacher, teacher_heads), ALPHA, DEFAULT_BETA["mhkd"], TEMPERATURE)
+    return MHKDMethod(student, heads, {}, Cohort(teacher, teacher_heads), args.kd_alpha, DEFAULT_BETA["mhkd"],
+                      args.kd_temperature)
 
 
 # ----------------------------------------------------------------------------- timed tasks
@@ -305,6 +318,7 @@ def time_interleaved(tasks: dict, steps: int, repeats: int, device: torch.device
     names = list(tasks)
     for r in range(repeats):
         loads.append(os.getloadavg()[0])
+        progress(f"steps: repeat {r + 1}/{repeats} (load average {loads[-1]:.1f})")
         for name in names if r % 2 == 0 else names[::-1]:
             synchronize(device)
             start = time.perf_counter()
@@ -327,37 +341,55 @@ def student_gradient_gap(ours, original, batch, ctx: train_funcs.RunContext) -> 
     return max((a - b).abs().max().item() for a, b in zip(*grads))
 
 
-def time_epochs(opts, methods: dict, tmp: Path, loads: list) -> dict:
-    """Training-loop seconds of one epoch (``fit``'s ``epoch_time_s``: evaluation and checkpoints excluded).
+def fit_epoch(opts, method, name: str, data_path: str, data: dataload.DataBundle, out: Path) -> float:
+    """Training-loop seconds of one ``fit`` epoch (its ``epoch_time_s``: evaluation and checkpoints excluded)."""
+    is_dir = name == "fine_tune"
+    ctx = make_ctx(opts, data, "fine_tune" if is_dir else "ce", data_path, out if is_dir else out.with_suffix(".pth"))
+    meta = {"arch": opts.student, "num_classes": data.info.num_classes, "dataset": data.info.name,
+            "image_size": data.info.image_size, "seed": 0}
+    paths = train_funcs.RunPaths.for_output(ctx.out, is_dir=is_dir)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        record = train_funcs.fit(method, ctx, paths, train_funcs.OptimConfig.from_args(ctx.args), name, meta)
+    return record["history"][0]["epoch_time_s"]
 
-    Each method runs on the device-resident path over ``--epoch_images`` images; the student's CE also runs
-    on both paths over ``--loader_images`` images. The runs are interleaved over ``--epoch_repeats``.
+
+def data_epoch(opts, data_path: str, data: dataload.DataBundle) -> float:
+    """Seconds to draw one epoch of augmented batches on ``data_path`` onto the device, training nothing."""
+    device = torch.device(opts.device)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in dataload.train_batches(data.train, data.info, opts.batch_size, device, torch.Generator().manual_seed(0),
+                                    data_path, opts.num_workers):
+        pass
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_epochs(opts, methods: dict, tmp: Path, loads: list) -> dict:
+    """Seconds of one epoch per run, interleaved over ``--epoch_repeats``.
+
+    Each method trains one ``fit`` epoch on the device-resident path over ``--epoch_images`` images. Over
+    ``--loader_images`` images, the student's CE epoch runs on both data paths, and so does the data path
+    alone (batches drawn, nothing trained).
     """
     data = generated_data(opts.dataset, opts.epoch_images, opts.test_images)
     loader_data = generated_data(opts.dataset, opts.loader_images, opts.test_images, seed=1)
-    runs = [(name, "device", data) for name in opts.epoch_methods]
+    runs = {f"{name}/device": (data, lambda r, name=name: fit_epoch(opts, methods[name], name, "device", data,
+                                                                    tmp / f"{name}_{r}"))
+            for name in opts.epoch_methods}
     if "ce" in opts.epoch_methods:
-        runs += [(DATA_PATH_RUN, "device", loader_data), (DATA_PATH_RUN, "loader", loader_data)]
-    times = {f"{name}/{path}": [] for name, path, _ in runs}
-    meta = {"arch": opts.student, "num_classes": data.info.num_classes, "dataset": data.info.name,
-            "image_size": data.info.image_size, "seed": 0}
+        for path in ("device", "loader"):
+            runs[f"{DATA_PATH_RUN}/{path}"] = (loader_data, lambda r, path=path: fit_epoch(
+                opts, methods["ce"], "ce", path, loader_data, tmp / f"{DATA_PATH_RUN}_{path}_{r}"))
+            runs[f"{DATA_ONLY_RUN}/{path}"] = (loader_data, lambda r, path=path: data_epoch(opts, path, loader_data))
+    times = {key: [] for key in runs}
     for r in range(opts.epoch_repeats):
         loads.append(os.getloadavg()[0])
-        for name, path, bundle in runs if r % 2 == 0 else runs[::-1]:
-            method = methods["ce" if name == DATA_PATH_RUN else name]
-            out = tmp / f"{name}_{path}_{r}"
-            ctx = make_ctx(opts, bundle, "fine_tune" if name == "fine_tune" else "ce", path,
-                           out if name == "fine_tune" else out.with_suffix(".pth"))
-            paths = train_funcs.RunPaths.for_output(ctx.out, is_dir=name == "fine_tune")
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                record = train_funcs.fit(method, ctx, paths, train_funcs.OptimConfig.from_args(ctx.args), name, meta)
-            times[f"{name}/{path}"].append(record["history"][0]["epoch_time_s"])
-    result = {}
-    for key, ts in times.items():
-        images = len((loader_data if key.startswith(DATA_PATH_RUN) else data).train)
-        result[key] = {"median_s": statistics.median(ts), "times_s": ts, "images": images,
-                       "images_per_s": images / statistics.median(ts)}
-    return result
+        progress(f"epochs: repeat {r + 1}/{opts.epoch_repeats} (load average {loads[-1]:.1f})")
+        for key in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            times[key].append(runs[key][1](r))
+    return {key: {"median_s": statistics.median(ts), "times_s": ts, "images": len(runs[key][0].train),
+                  "images_per_s": len(runs[key][0].train) / statistics.median(ts)} for key, ts in times.items()}
 
 
 # ----------------------------------------------------------------------------- report
@@ -411,9 +443,9 @@ def print_report(result: dict) -> None:
             print(f"{name:<22}{m['median_s']:>11.2f}{m['images_per_s']:>10.0f}{m['images']:>9}")
     print("\nratios (median of per-repeat ratios)")
     for name, r in result["ratios"].items():
-        print(f"  {name:<34}{r['median']:>7.3f}   {r['of']}")
+        print(f"  {name:<38}{r['median']:>7.3f}   {r['of']}")
     for name, t in result["targets"].items():
-        print(f"  target {name:<27}{t['value']:>7.3f}   {t['limit']}: {'met' if t['met'] else 'NOT met'}")
+        print(f"  target {name:<31}{t['value']:>7.3f}   {t['limit']}: {'met' if t['met'] else 'NOT met'}")
     if "student_grad_max_abs_diff" in result:
         print(f"  student gradients, ours vs original-style DIH: max |diff| {result['student_grad_max_abs_diff']:.2e}")
     if result["skipped"]:
@@ -423,6 +455,8 @@ def print_report(result: dict) -> None:
 def run(opts) -> dict:
     """Build everything, time it, and return the result record."""
     device = torch.device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     loads = [os.getloadavg()[0]]
     started = datetime.datetime.now(datetime.timezone.utc)
     data = generated_data(opts.dataset, 4 * opts.batch_size, opts.test_images)  # four fixed batches, cycled
@@ -431,10 +465,11 @@ def run(opts) -> dict:
     torch.manual_seed(0)
     batches = list(dataload.train_batches(data.train, data.info, opts.batch_size, device,
                                           torch.Generator().manual_seed(0)))
-    methods, cohorts, skipped = build_methods(opts, data.info, device)
+    methods, cohorts, skipped = build_methods(opts, ctx.args, device)
     tasks = {"teacher_inference": inference_task(cohorts["teacher"].features, ctx, batches),
              "cohort_inference": inference_task(cohorts["teacher_and_heads"], ctx, batches)}
     tasks.update({name: train_task(method, ctx, batches) for name, method in methods.items()})
+    progress(f"warming up {len(tasks)} tasks")
     memory = warm_up(tasks, opts.warmup, device)
     times = time_interleaved(tasks, opts.steps, opts.repeats, device, loads)
     steps = {name: {"median_s": statistics.median(ts), "times_s": ts,
@@ -442,11 +477,10 @@ def run(opts) -> dict:
              for name, ts in times.items()}
     floor_parts = ["cohort_inference", "ce"]
     ratios = {f"{name}_to_floor": paired_ratio(times, name, floor_parts) for name in methods}
-    ratios["fine_tune_to_teacher_inference"] = paired_ratio(times, "fine_tune", ["teacher_inference"]) \
-        if "fine_tune" in methods else None
+    if "fine_tune" in methods:
+        ratios["fine_tune_to_teacher_inference"] = paired_ratio(times, "fine_tune", ["teacher_inference"])
     if "dih" in methods:
         ratios["dih_original_to_dih"] = paired_ratio(times, "dih_original", ["dih"])
-    ratios = {k: v for k, v in ratios.items() if v is not None}
     result = {"settings": {k: v for k, v in vars(opts).items() if k != "out"}, "command": " ".join(sys.argv),
               "date": started.isoformat(timespec="seconds"), "machine": machine(), "steps": steps,
               "floor_s": sum(steps[p]["median_s"] for p in floor_parts), "floor": " + ".join(floor_parts),
@@ -459,11 +493,10 @@ def run(opts) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             result["epochs"] = time_epochs(opts, methods, Path(tmp), loads)
         if "ce" in opts.epoch_methods:
-            e = result["epochs"]
-            per_repeat = [lo / dev for lo, dev in zip(e[f"{DATA_PATH_RUN}/loader"]["times_s"],
-                                                      e[f"{DATA_PATH_RUN}/device"]["times_s"])]
-            ratios["loader_to_device_epoch"] = {"median": statistics.median(per_repeat), "per_repeat": per_repeat,
-                                                "of": "ce epoch on the loader path / on the device path"}
+            epoch_times = {key: e["times_s"] for key, e in result["epochs"].items()}
+            for run_name, ratio in ((DATA_PATH_RUN, "loader_to_device_epoch"),
+                                    (DATA_ONLY_RUN, "loader_to_device_data_only")):
+                ratios[ratio] = paired_ratio(epoch_times, f"{run_name}/loader", [f"{run_name}/device"])
     # The method's recipe: 200 epochs over the dataset's training set (50,000 images for CIFAR-100).
     dih_rate = (result["epochs"].get("dih/device") or steps.get("dih") or {}).get("images_per_s")
     if dih_rate:
