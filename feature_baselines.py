@@ -1,9 +1,9 @@
 """What the feature- and head-based baselines (CRD, TOFD, MHKD) share.
 
-``--beta`` is one flag whose meaning and default depend on the method; the stage-by-stage methods need
-teacher and student with the same number of stages; TOFD and MHKD first fine-tune heads on the frozen
-teacher (or reuse a directory of them) and then train the student. All of it is checked before anything
-trains.
+``--beta`` is one flag whose meaning and default depend on the method (each states its default in its
+help group); the stage-by-stage methods need teacher and student with the same number of stages; TOFD and
+MHKD first fine-tune heads on the frozen teacher (or reuse a directory of them) and then train the
+student. All of it is checked before anything trains.
 """
 from pathlib import Path
 
@@ -11,19 +11,22 @@ from torch import nn
 
 from dih_utils import fingerprint, heads_meta, load_heads, mount_shapes
 from errors import UserError
+from flags import Range, flag
 from models_repo import build_model, count_parameters
-from train_funcs import HeadTuning, OptimConfig, RunContext, RunPaths, claim_outputs, run_phase
+from run_context import RunContext
+from run_outputs import RunPaths, claim_outputs
+from train_fine_tune import HeadTuning
+from train_funcs import run_phase
 
-# The weight --beta gets when it is not given, per method (see README, "Feature baselines").
-DEFAULT_BETA = {"crd": 0.8, "tofd": 0.03, "mhkd": 1.0}
+BETA_FLAG = flag("--beta", type=float, default=None, range=Range(0),
+                 help="weight of the method's own extra term; its meaning and default are in the method's "
+                      "group (default: the method's)")
 
 
-def resolve_beta(args) -> float:
-    """``--beta`` if given, else the method's default; refuse a negative weight."""
-    beta = DEFAULT_BETA[args.training_type] if args.beta is None else args.beta
-    if beta < 0:
-        raise UserError(f"--beta must not be negative, got {beta}")
-    return beta
+def heads_outputs(out: Path, flags, saved_flag: str) -> list:
+    """A head-tuning baseline's outputs: the teacher's heads folder (unless reused) and the student."""
+    own = [] if flags.get(saved_flag) else [(default_heads_dir(out, flags["training_type"]), True)]
+    return own + [(Path(out), False)]
 
 
 def require_same_stages(ctx: RunContext) -> int:
@@ -32,11 +35,11 @@ def require_same_stages(ctx: RunContext) -> int:
     TOFD and MHKD pair teacher and student stage by stage; with different counts no pairing is the
     natural one, so the run is refused rather than pairing stages arbitrarily.
     """
-    args = ctx.args
+    args = ctx.cfg.models
     k_t = build_model(args.teacher, ctx.info.num_classes).num_stages
     k_s = build_model(args.student, ctx.info.num_classes).num_stages
     if k_t != k_s:
-        raise UserError(f"{args.training_type} pairs teacher and student stage by stage, but --teacher {args.teacher} "
+        raise UserError(f"{ctx.cfg.training_type} pairs teacher and student stage by stage, but --teacher {args.teacher} "
                         f"has {k_t} stages and --student {args.student} has {k_s}; choose models with equal stage counts")
     return k_t
 
@@ -44,7 +47,7 @@ def require_same_stages(ctx: RunContext) -> int:
 def report_extra(ctx: RunContext, modules: dict) -> None:
     """Print the parameter count of every module trained alongside the student (and saved with it)."""
     counts = ", ".join(f"{name} {count_parameters(m):,}" for name, m in modules.items())
-    ctx.say(f"[{ctx.args.training_type}] extra modules saved with the student (parameters): {counts}")
+    ctx.say(f"[{ctx.cfg.training_type}] extra modules saved with the student (parameters): {counts}")
 
 
 def default_heads_dir(out: Path, kind: str) -> Path:
@@ -62,7 +65,7 @@ def teacher_heads(ctx: RunContext, teacher: nn.Module, heads: nn.ModuleList, sav
     of their own writing ``<output stem>_<method>_teacher_aux/``. Every output of both phases is claimed
     before anything trains. ``heads`` are freshly built modules that the weights are loaded or trained into.
     """
-    args, kind = ctx.args, ctx.args.training_type
+    args, kind = ctx.cfg.models, ctx.cfg.training_type
     shapes = mount_shapes(teacher, ctx.info.image_size)[:len(heads)]
     meta = {**heads_meta(args.teacher, ctx.info.num_classes, ctx.info.image_size, ctx.info.name, shapes,
                          fingerprint(teacher)), "head_type": kind}
@@ -80,7 +83,7 @@ def teacher_heads(ctx: RunContext, teacher: nn.Module, heads: nn.ModuleList, sav
     heads_done, student_done = claim_outputs(ctx, [paths, student_paths])
     ctx.say(f"[{kind}_teacher] {len(heads)} heads on the frozen {args.teacher}: "
             + ", ".join(f"{count_parameters(h):,}" for h in heads) + f" parameters, in '{paths.final}'")
-    run_phase(HeadTuning(teacher, heads, meta), ctx, paths, OptimConfig.from_args(args), f"{kind}_teacher",
+    run_phase(HeadTuning(teacher, heads, meta), ctx, paths, ctx.cfg.optim, f"{kind}_teacher",
               {**meta, "seed": ctx.seed}, heads_done)
     if heads_done:
         heads = load_heads(paths.final, teacher, meta, heads)

@@ -24,16 +24,15 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-import train_fitnets
+import report
+from console_flags import default_milestones, resolve_defaults
 from errors import UserError
-from train_funcs import RESUME_KEYS, RunPaths, output_exists, write_json
+from registry import REGISTRY
+from run_outputs import RunPaths, output_exists, write_json
 
-DEFAULT_METHODS = ["ce", "kd", "dih"]
 # Flags the pipeline sets per step, or that only the pipeline reads; all others are passed through.
 OWNED = frozenset({"help", "training_type", "path_to_save", "saved_path", "saved_intermediates_directory", "seed",
                    "resume", "overwrite", "methods", "teacher_epochs", "teacher_schedule"})
-# Methods whose final student is not written at the step's --path_to_save itself.
-FINAL_OUTPUT = {"fitnets": train_fitnets.final_output}
 MANIFEST = "pipeline.json"
 
 
@@ -79,26 +78,13 @@ def passthrough(args, parser) -> dict:
     return flags
 
 
-def training_flags(parser, training_type: str) -> list:
-    """The flags of ``RESUME_KEYS`` that change what ``training_type`` trains.
-
-    A flag in an argument group named after training types (``fitnets``; ``crd, tofd, mhkd``) belongs to
-    those types only; every other flag belongs to all.
-    """
-    types = set(next(a for a in parser._actions if a.dest == "training_type").choices)
-    owners = {}
-    for group in parser._action_groups:
-        names = {name.strip() for name in (group.title or "").split(",")}
-        if names <= types:
-            owners.update((action.dest, names) for action in group._group_actions)
-    return [key for key in RESUME_KEYS if training_type in owners.get(key, {training_type})]
-
-
 def check_unchanged(step: Step, parser) -> None:
     """Refuse to skip a finished step whose recorded training flags differ from the ones this command gives."""
     recorded = json.loads(step.final.result.read_text()).get("args", {})
-    current = vars(parser.parse_args(list(step.argv)))
-    for key in training_flags(parser, step.training_type):
+    parsed = parser.parse_args(list(step.argv))
+    resolve_defaults(parsed)
+    current = vars(parsed)
+    for key in REGISTRY[step.training_type].result_keys:
         if key in recorded and recorded[key] != current.get(key):
             raise UserError(f"{step.name} finished in '{step.final.result}' with --{key} {recorded[key]!r}, but this "
                             f"command gives {current.get(key)!r}; a pipeline folder holds one configuration: use "
@@ -115,9 +101,7 @@ def check(args) -> None:
     if args.saved_intermediates_directory and not args.saved_path:
         raise UserError("--saved_intermediates_directory needs --saved_path (the teacher those heads belong to)")
     epochs = args.teacher_epochs if args.teacher_epochs is not None else args.epochs
-    if epochs <= 0:
-        raise UserError(f"--teacher_epochs must be positive, got {epochs}")
-    schedule = args.teacher_schedule if args.teacher_schedule is not None else args.schedule
+    schedule = args.teacher_schedule or args.schedule or default_milestones(epochs)
     bad = [m for m in schedule if not 0 < m <= epochs]
     if bad and args.saved_path is None:
         flag = "--teacher_schedule" if args.teacher_schedule is not None else "--schedule (give --teacher_schedule)"
@@ -147,26 +131,24 @@ def plan(args, parser, root: Path) -> list[Step]:
             own["schedule"] = ["--schedule", *map(str, args.teacher_schedule)]
         steps.append(step(f"teacher {args.teacher}", "ce", teacher, first, RunPaths.for_output(teacher), **own))
     heads = Path(args.saved_intermediates_directory) if args.saved_intermediates_directory else root / "heads"
-    if "dih" in args.methods and not args.saved_intermediates_directory:
+    if any("heads" in REGISTRY[m].needs for m in args.methods) and not args.saved_intermediates_directory:
         steps.append(step("heads", "fine_tune", heads, first, RunPaths.for_output(heads, is_dir=True),
                           saved_path=["--saved_path", str(teacher)]))
     for seed in args.seed:
         for method in args.methods:
-            out = root / f"{method}_s{seed}.pth"
-            final = RunPaths.for_output(FINAL_OUTPUT[method](out) if method in FINAL_OUTPUT else out)
-            if method == "ce":
-                own = {"teacher": ["--teacher", args.student]}
-            else:
-                own = {"saved_path": ["--saved_path", str(teacher)]}
-                if method == "dih":
-                    own["saved_intermediates_directory"] = ["--saved_intermediates_directory", str(heads)]
-            steps.append(step(f"{method} seed {seed}", method, out, seed, final, **own))
+            t, out = REGISTRY[method], root / f"{method}_s{seed}.pth"
+            own = {"teacher": ["--teacher", args.student]} if t.trains == "teacher" else {}
+            if "teacher" in t.needs:
+                own["saved_path"] = ["--saved_path", str(teacher)]
+            if "heads" in t.needs:
+                own["saved_intermediates_directory"] = ["--saved_intermediates_directory", str(heads)]
+            steps.append(step(f"{method} seed {seed}", method, out, seed, RunPaths.for_output(t.final_output(out)),
+                              **own))
     return steps
 
 
 def run_pipeline(args, parser, run_step) -> int:
     """Run every unfinished step with ``run_step(argv, data_cache)`` (the console's ``run``), then the report."""
-    import report  # not at the top: report reads the console's parser, and the console imports this module
     check(args)
     root = Path(args.path_to_save) if args.path_to_save else default_root(args)
     if root.exists() and not root.is_dir():

@@ -5,11 +5,36 @@ Loss: ``(1 - a) * CE + a * T^2 * KL + beta/2 * sum_i mean((a(F_s,i) - a(F_t,i))^
 ``--at_beta``. Stage i of the student is paired with stage i of the teacher, so both must have the same
 number of stages.
 """
+from dataclasses import dataclass
+
 from dih_utils import Cohort, mount_shapes
 from errors import UserError
+from flags import Range, flag
 from KD_Loss import at_loss, kd_loss
-from train_funcs import (OptimConfig, RunContext, RunPaths, StudentMethod, claim_outputs, load_teacher, model_meta,
-                         new_model, run_phase, skeleton)
+from method_contract import StudentMethod
+from model_loading import load_teacher, model_meta, new_model, skeleton
+from registry import TrainingType
+from run_context import RunContext
+from run_outputs import RunPaths, claim_outputs
+from train_funcs import run_phase
+
+
+@dataclass(frozen=True)
+class ATSettings:
+    """The attention term's weight and exponent, and the weight of an optional KD term."""
+    at_beta: float
+    at_p: float
+    at_kd_alpha: float
+
+
+FLAGS = (
+    flag("--at_beta", type=float, default=1000.0, range=Range(0),
+         help="weight beta of the attention term (beta/2 * sum)"),
+    flag("--at_p", type=float, default=2.0, range=Range(0, lo_open=True),
+         help="exponent p of the attention map mean_c |F|^p"),
+    flag("--at_kd_alpha", type=float, default=0.0, range=Range(0, 1),
+         help="weight of an added KD term for at (0: CE + attention only); --kd_alpha is not used by at"),
+)
 
 
 class AttentionTransfer(StudentMethod):
@@ -28,35 +53,48 @@ class AttentionTransfer(StudentMethod):
         return loss, logits
 
 
-def check_at_flags(ctx: RunContext) -> None:
-    """Refuse AT settings and model pairs that cannot work, before anything is loaded."""
-    args = ctx.args
-    if args.at_beta < 0:
-        raise UserError(f"--at_beta must not be negative, got {args.at_beta}")
-    if args.at_p <= 0:
-        raise UserError(f"--at_p must be positive, got {args.at_p}")
-    if not 0 <= args.at_kd_alpha <= 1:
-        raise UserError(f"--at_kd_alpha must be in [0, 1], got {args.at_kd_alpha}")
-    k_t, k_s = skeleton(ctx, args.teacher).num_stages, skeleton(ctx, args.student).num_stages
+def check_at_pair(ctx: RunContext) -> None:
+    """Refuse a teacher/student pair whose stages cannot be paired one to one, before anything is loaded."""
+    models = ctx.cfg.models
+    k_t, k_s = skeleton(ctx, models.teacher).num_stages, skeleton(ctx, models.student).num_stages
     if k_t != k_s:
-        raise UserError(f"at pairs stages one to one, but the teacher {args.teacher} has {k_t} stages and the "
-                        f"student {args.student} has {k_s}; choose a pair with the same number of stages")
+        raise UserError(f"at pairs stages one to one, but the teacher {models.teacher} has {k_t} stages and the "
+                        f"student {models.student} has {k_s}; choose a pair with the same number of stages")
 
 
 def train_at(ctx: RunContext) -> dict:
-    """``--training_type at``: train the student with attention transfer from the trained teacher."""
-    args, size = ctx.args, ctx.info.image_size
-    check_at_flags(ctx)
+    """Train the student with attention transfer from the trained teacher."""
+    models, s, size = ctx.cfg.models, ctx.cfg.method, ctx.info.image_size
+    check_at_pair(ctx)
     teacher = load_teacher(ctx)
     paths = RunPaths.for_output(ctx.out)
     done, = claim_outputs(ctx, [paths])
-    student = new_model(ctx, args.student)
+    student = new_model(ctx, models.student)
     pairs = zip(mount_shapes(student, size), mount_shapes(teacher, size))
     ctx.say("[at] attention pairs (student <- teacher map size): "
             + ", ".join(f"stage {i}: {s[1]}x{s[2]} <- {t[1]}x{t[2]}" for i, (s, t) in enumerate(pairs))
             + "; extra modules: none (0 parameters)")
-    meta = model_meta(ctx, args.student, teacher=args.teacher, at_beta=args.at_beta, at_p=args.at_p,
-                      at_kd_alpha=args.at_kd_alpha, kd_temperature=args.kd_temperature)
-    method = AttentionTransfer(student, meta, Cohort(teacher), args.at_beta, args.at_p, args.at_kd_alpha,
-                               args.kd_temperature)
-    return run_phase(method, ctx, paths, OptimConfig.from_args(args), "at", meta, done)
+    meta = model_meta(ctx, models.student, teacher=models.teacher, at_beta=s.at_beta, at_p=s.at_p,
+                      at_kd_alpha=s.at_kd_alpha, kd_temperature=models.kd_temperature)
+    method = AttentionTransfer(student, meta, Cohort(teacher), s.at_beta, s.at_p, s.at_kd_alpha, models.kd_temperature)
+    return run_phase(method, ctx, paths, ctx.cfg.optim, "at", meta, done)
+
+
+def bench_at(parts) -> AttentionTransfer:
+    """One AT step with the default weights."""
+    s = parts.cfg.method
+    return AttentionTransfer(parts.student(), {}, Cohort(parts.teacher), s.at_beta, s.at_p, s.at_kd_alpha,
+                             parts.cfg.models.kd_temperature)
+
+
+def at_label(flags) -> str:
+    """AT, naming the KD term when one is added."""
+    alpha = flags.get("at_kd_alpha", 0)
+    return f"AT+KD (alpha {alpha:g})" if alpha else "AT"
+
+
+TRAINING_TYPE = TrainingType(
+    name="at", run=train_at, flags=FLAGS, settings=ATSettings, needs=frozenset({"teacher"}),
+    depends_on=("teacher", "student", "kd_temperature") + tuple(f.dest for f in FLAGS), report_order=50,
+    bench=bench_at, label=at_label, same_stages=True, description="attention transfer on the stage outputs",
+    summary="AT: the student matches the teacher's attention maps at every stage output (+ CE)")

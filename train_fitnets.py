@@ -5,6 +5,7 @@ shapes differ) to regress the teacher's hint layer with an L2 loss; the rest of 
 run in training and keeps its initial weights and batch-norm statistics. Stage 2 is the run's KD on the
 whole student, initialised from the stage-1 model.
 """
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,10 +14,17 @@ from torch import nn
 from checkpoints import load_model_file
 from dih_utils import Cohort, freeze, mount_shapes
 from errors import UserError
+from flags import Range, flag, parse_bool
 from KD_Loss import hint_loss
+from method_contract import StudentMethod
+from model_loading import load_teacher, model_meta, new_model, skeleton
 from models_repo import count_parameters
-from train_funcs import (OptimConfig, RunContext, RunPaths, StudentMethod, claim_outputs, distil, load_teacher,
-                         model_meta, new_model, run_phase, skeleton)
+from registry import STUDENT_KEYS, TrainingType
+from run_context import RunContext
+from run_outputs import RunPaths, claim_outputs
+from settings import OptimSettings
+from train_funcs import run_phase
+from train_kd import distil
 
 # Default stage-1 milestones, as fractions of --epochs_fitnets_1 (20 and 30 of 40 epochs).
 STAGE1_MILESTONE_FRACTIONS = (0.5, 0.75)
@@ -36,29 +44,51 @@ def resolve_layer(flag: str, value: int | None, arch: str, num_stages: int) -> i
     return value
 
 
-def stage1_config(args) -> OptimConfig:
-    """Stage 1's optimizer settings; checked here since only FitNets reads them."""
-    epochs = args.epochs_fitnets_1
-    if epochs <= 0:
-        raise UserError(f"--epochs_fitnets_1 must be positive, got {epochs}")
-    if args.schedule_fitnets_1 is None:
+@dataclass(frozen=True)
+class FitNetsSettings:
+    """Stage 1's optimizer flags and the hint/guided stages."""
+    epochs_fitnets_1: int
+    lr_fitnets_1: float
+    wd_fitnets_1: float
+    momentum_fitnets_1: float
+    nesterov_fitnets_1: bool
+    schedule_fitnets_1: list | None
+    schedule_gamma_fitnets_1: float
+    hint_layer: int | None
+    guided_layer: int | None
+
+
+FLAGS = (
+    flag("--epochs_fitnets_1", type=int, default=40, range=Range(1), help="stage-1 epochs"),
+    flag("--lr_fitnets_1", type=float, default=0.1, range=Range(0, lo_open=True), help="stage-1 learning rate"),
+    flag("--wd_fitnets_1", type=float, default=5e-4, range=Range(0), help="stage-1 weight decay"),
+    flag("--momentum_fitnets_1", type=float, default=0.9, range=Range(0, 1, hi_open=True),
+         help="stage-1 SGD momentum"),
+    flag("--nesterov_fitnets_1", type=parse_bool, default=True, help="stage-1 nesterov (True/False)"),
+    flag("--schedule_fitnets_1", type=int, nargs="*", default=None, range=Range(1, increasing=True),
+         help="stage-1 MultiStepLR milestones (default: 50%% and 75%% of --epochs_fitnets_1; "
+              "the flag with no value: constant lr)"),
+    flag("--schedule_gamma_fitnets_1", type=float, default=0.1, range=Range(0, lo_open=True),
+         help="stage-1 lr decay factor"),
+    flag("--hint_layer", type=int, default=None, range=Range(0),
+         help="0-based teacher stage giving the hint (default: the middle stage, (k-1)//2)"),
+    flag("--guided_layer", type=int, default=None, range=Range(0),
+         help="0-based student stage regressing the hint (default: the middle stage, (k-1)//2)"),
+)
+
+
+def stage1_config(s: FitNetsSettings) -> OptimSettings:
+    """Stage 1's optimizer settings (milestones default to fractions of its epochs)."""
+    epochs = s.epochs_fitnets_1
+    if s.schedule_fitnets_1 is None:
         milestones = sorted({max(1, round(f * epochs)) for f in STAGE1_MILESTONE_FRACTIONS})
     else:
-        milestones = list(args.schedule_fitnets_1)
-    checks = [
-        (args.lr_fitnets_1 > 0, f"--lr_fitnets_1 must be positive, got {args.lr_fitnets_1}"),
-        (args.wd_fitnets_1 >= 0, f"--wd_fitnets_1 must not be negative, got {args.wd_fitnets_1}"),
-        (0 <= args.momentum_fitnets_1 < 1, f"--momentum_fitnets_1 must be in [0, 1), got {args.momentum_fitnets_1}"),
-        (args.schedule_gamma_fitnets_1 > 0,
-         f"--schedule_gamma_fitnets_1 must be positive, got {args.schedule_gamma_fitnets_1}"),
-        (all(0 < m <= epochs for m in milestones),
-         f"--schedule_fitnets_1 milestones must lie in 1..{epochs} (--epochs_fitnets_1), got {milestones}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    return OptimConfig(epochs, args.lr_fitnets_1, args.wd_fitnets_1, tuple(milestones),
-                       args.schedule_gamma_fitnets_1, args.momentum_fitnets_1, args.nesterov_fitnets_1)
+        milestones = list(s.schedule_fitnets_1)
+    if not all(0 < m <= epochs for m in milestones):
+        raise UserError(f"--schedule_fitnets_1 milestones must lie in 1..{epochs} (--epochs_fitnets_1), "
+                        f"got {milestones}")
+    return OptimSettings(epochs, s.lr_fitnets_1, s.wd_fitnets_1, tuple(milestones), s.schedule_gamma_fitnets_1,
+                         s.momentum_fitnets_1, s.nesterov_fitnets_1)
 
 
 def build_regressor(student_shape: tuple, teacher_shape: tuple) -> nn.Module:
@@ -110,31 +140,48 @@ class HintTraining(StudentMethod):
 
 
 def train_fitnets(ctx: RunContext) -> dict:
-    """``--training_type fitnets``: stage 1 (hint) to ``--path_to_save``, stage 2 (KD) to ``<stem>_final``."""
-    args, info = ctx.args, ctx.info
-    cfg1 = stage1_config(args)
-    k_teacher, k_student = skeleton(ctx, args.teacher).num_stages, skeleton(ctx, args.student).num_stages
-    hint = resolve_layer("--hint_layer", args.hint_layer, args.teacher, k_teacher)
-    guided = resolve_layer("--guided_layer", args.guided_layer, args.student, k_student)
+    """Stage 1 (hint) to ``--path_to_save``, stage 2 (KD) to ``<stem>_final``."""
+    models, info, s = ctx.cfg.models, ctx.info, ctx.cfg.method
+    cfg1 = stage1_config(s)
+    k_teacher, k_student = skeleton(ctx, models.teacher).num_stages, skeleton(ctx, models.student).num_stages
+    hint = resolve_layer("--hint_layer", s.hint_layer, models.teacher, k_teacher)
+    guided = resolve_layer("--guided_layer", s.guided_layer, models.student, k_student)
     teacher = load_teacher(ctx)
     stage1, stage2 = RunPaths.for_output(ctx.out), RunPaths.for_output(final_output(ctx.out))
     done1, done2 = claim_outputs(ctx, [stage1, stage2])
 
-    student = new_model(ctx, args.student)
+    student = new_model(ctx, models.student)
     t_shape = mount_shapes(teacher, info.image_size)[hint]
     s_shape = mount_shapes(student, info.image_size)[guided]
     regressor = build_regressor(s_shape, t_shape).to(ctx.device)
     n_reg = count_parameters(regressor)
-    ctx.say(f"[fitnets_1] hint: {args.teacher} stage {hint} {t_shape} <- guided: {args.student} stage {guided} "
+    ctx.say(f"[fitnets_1] hint: {models.teacher} stage {hint} {t_shape} <- guided: {models.student} stage {guided} "
             f"{s_shape}; regressor {'conv3x3+BN' if n_reg else 'none (same shape)'}: {n_reg:,} parameters")
     layers = {"hint_layer": hint, "guided_layer": guided}
-    meta1 = model_meta(ctx, args.student, teacher=args.teacher, stage=1, regressor_parameters=n_reg,
+    meta1 = model_meta(ctx, models.student, teacher=models.teacher, stage=1, regressor_parameters=n_reg,
                        stage_2_model=str(stage2.final), **layers)
     run_phase(HintTraining(student, meta1, teacher, regressor, hint, guided), ctx, stage1, cfg1, "fitnets_1",
               meta1, done1)
 
     # Stage 2 starts from the last stage-1 epoch: stage 1's accuracy cannot select anything.
-    student = new_model(ctx, args.student)
-    load_model_file(stage1.final, student, args.student, info.num_classes, "FitNets stage-1 checkpoint", info.name)
-    return distil(ctx, teacher, None, args.student, stage2, "fitnets_2", done2, student=student, stage=2,
+    student = new_model(ctx, models.student)
+    load_model_file(stage1.final, student, models.student, info.num_classes, "FitNets stage-1 checkpoint", info.name)
+    return distil(ctx, teacher, None, models.student, stage2, "fitnets_2", done2, student=student, stage=2,
                   stage_1_model=str(stage1.final), stage_1_result=str(stage1.result), **layers)
+
+
+def bench_fitnets(parts) -> HintTraining:
+    """FitNets' stage 1 on the middle stages (its stage 2 is ``kd``)."""
+    student, teacher = parts.student(), parts.teacher
+    hint, guided = middle_stage(teacher.num_stages), middle_stage(student.num_stages)
+    regressor = build_regressor(mount_shapes(student, parts.size)[guided], mount_shapes(teacher, parts.size)[hint])
+    return HintTraining(student, {}, teacher, regressor, hint, guided)
+
+
+TRAINING_TYPE = TrainingType(
+    name="fitnets", run=train_fitnets, flags=FLAGS, settings=FitNetsSettings, needs=frozenset({"teacher"}),
+    depends_on=STUDENT_KEYS + tuple(f.dest for f in FLAGS), report_order=30,
+    outputs=lambda out, flags: [(Path(out), False), (final_output(out), False)],
+    final_output=final_output, final_phase="fitnets_2", bench=bench_fitnets,
+    description="FitNets stage 1 (hint regression); stage 2 is KD with the main and distillation flags",
+    summary="FitNets: stage 1 regresses the teacher's hint layer, stage 2 is KD (final student in <stem>_final)")

@@ -9,18 +9,48 @@ projection is trained with the student.
 """
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
-from errors import UserError
-from feature_baselines import report_extra, resolve_beta
-from KD_Loss import soft_kl
-from train_funcs import (OptimConfig, RunContext, RunPaths, StudentMethod, claim_outputs, load_teacher, model_meta,
-                         new_model, run_phase)
 from dih_utils import Cohort
+from errors import UserError
+from feature_baselines import BETA_FLAG, report_extra
+from flags import Range, flag
+from KD_Loss import soft_kl
+from method_contract import StudentMethod
+from model_loading import load_teacher, model_meta, new_model
+from registry import STUDENT_KEYS, TrainingType
+from run_context import RunContext
+from run_outputs import RunPaths, claim_outputs
+from train_funcs import run_phase
+
+# The contrastive term's weight when --beta is not given (RepDistiller's CIFAR-100 setting).
+DEFAULT_BETA = 0.8
+
+
+@dataclass(frozen=True)
+class CRDSettings:
+    """The contrastive term's weight, embedding size, negatives, temperature and memory momentum."""
+    beta: float
+    feat_dim: int
+    nce_k: int
+    nce_t: float
+    nce_m: float
+
+
+FLAGS = (
+    BETA_FLAG,
+    flag("--feat_dim", type=int, default=128, range=Range(1), help="dimension of the contrastive embeddings"),
+    flag("--nce_k", type=int, default=16384, range=Range(1),
+         help="negatives per sample (capped at the samples outside the largest class)"),
+    flag("--nce_t", type=float, default=0.07, range=Range(0, lo_open=True), help="NCE temperature"),
+    flag("--nce_m", type=float, default=0.5, range=Range(0, 1, hi_open=True),
+         help="momentum of the memory-bank update"),
+)
 
 # Added to the denominators of the NCE posteriors so an underflowing score never divides by zero.
 NCE_EPS = 1e-7
@@ -162,31 +192,20 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_flags(args) -> None:
-    """Refuse CRD settings that cannot train."""
-    checks = [(args.feat_dim > 0, f"--feat_dim must be positive, got {args.feat_dim}"),
-              (args.nce_k > 0, f"--nce_k must be positive, got {args.nce_k}"),
-              (args.nce_t > 0, f"--nce_t must be positive, got {args.nce_t}"),
-              (0 <= args.nce_m < 1, f"--nce_m must be in [0, 1), got {args.nce_m}")]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-
-
 def plan_memory(ctx: RunContext, labels: torch.Tensor) -> int:
     """Print the memory the banks take, refuse a dataset whose banks do not fit; return the negatives per sample."""
-    args, n = ctx.args, len(labels)
+    s, n = ctx.cfg.method, len(labels)
     available = negatives_available(labels)
     if available == 0:
         raise UserError("crd needs training samples of at least two classes to draw negatives from")
-    k = args.nce_k
+    k = s.nce_k
     if k > available:
         ctx.say(f"[crd] --nce_k {k} is more than the {available:,} training samples outside the largest class; "
                 f"using {available:,} negatives per sample")
         k = available
-    banks = 2 * n * args.feat_dim * 4
-    scores = 2 * args.batch_size * n * 4
-    ctx.say(f"[crd] memory banks: 2 x {n:,} samples x {args.feat_dim} float32 = {banks / 2**20:,.1f} MiB on "
+    banks = 2 * n * s.feat_dim * 4
+    scores = 2 * ctx.cfg.data.batch_size * n * 4
+    ctx.say(f"[crd] memory banks: 2 x {n:,} samples x {s.feat_dim} float32 = {banks / 2**20:,.1f} MiB on "
             f"{ctx.device} (+ {scores / 2**20:,.1f} MiB of scores per batch); {k:,} negatives per sample")
     free = free_memory(ctx.device)
     if free is not None and banks + scores > free:
@@ -196,20 +215,43 @@ def plan_memory(ctx: RunContext, labels: torch.Tensor) -> int:
 
 
 def train_crd(ctx: RunContext) -> dict:
-    """``--training_type crd``: the student learns the teacher's embedding by contrast, plus KD and CE."""
-    args = ctx.args
-    check_flags(args)
-    beta = resolve_beta(args)
+    """The student learns the teacher's embedding by contrast, plus KD (``--kd_alpha``) and CE."""
+    models, s = ctx.cfg.models, ctx.cfg.method
+    beta = s.beta
     labels = ctx.data.train.labels
     nce_k = ctx.dist.check_together(lambda: plan_memory(ctx, labels))  # free memory may differ between ranks
     teacher = load_teacher(ctx)
     paths = RunPaths.for_output(ctx.out)
     done, = claim_outputs(ctx, [paths])
-    meta = model_meta(ctx, args.student, teacher=args.teacher, kd_alpha=args.kd_alpha,
-                      kd_temperature=args.kd_temperature, beta=beta, feat_dim=args.feat_dim, nce_k=nce_k,
-                      nce_t=args.nce_t, nce_m=args.nce_m)
+    meta = model_meta(ctx, models.student, teacher=models.teacher, kd_alpha=models.kd_alpha,
+                      kd_temperature=models.kd_temperature, beta=beta, feat_dim=s.feat_dim, nce_k=nce_k,
+                      nce_t=s.nce_t, nce_m=s.nce_m)
     generator = torch.Generator(ctx.device).manual_seed(ctx.dist.rank_seed(ctx.seed))
-    method = CRDMethod(new_model(ctx, args.student), teacher, meta, labels.to(ctx.device), args.feat_dim, nce_k,
-                       args.nce_t, args.nce_m, args.kd_alpha, beta, args.kd_temperature, generator).to(ctx.device)
+    method = CRDMethod(new_model(ctx, models.student), teacher, meta, labels.to(ctx.device), s.feat_dim, nce_k,
+                       s.nce_t, s.nce_m, models.kd_alpha, beta, models.kd_temperature, generator).to(ctx.device)
     report_extra(ctx, {"embed_s": method.embed_s, "embed_t": method.embed_t})
-    return run_phase(method, ctx, paths, OptimConfig.from_args(args), "crd", meta, done)
+    return run_phase(method, ctx, paths, ctx.cfg.optim, "crd", meta, done)
+
+
+def bench_crd(parts) -> CRDMethod:
+    """CRD with memory banks as large as the real training set's (the (B, N) scores scale with N)."""
+    s, m = parts.cfg.method, parts.cfg.models
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, parts.classes, (parts.n_dataset,), generator=g).to(parts.device)
+    nce_k = min(s.nce_k, negatives_available(labels))
+    return CRDMethod(parts.student(), parts.teacher, {}, labels, s.feat_dim, nce_k, s.nce_t, s.nce_m, m.kd_alpha,
+                     s.beta, m.kd_temperature, torch.Generator(parts.device).manual_seed(2))
+
+
+def crd_label(flags) -> str:
+    """CRD, naming the KD term that --kd_alpha adds (the CRD paper's CRD-only setting is --kd_alpha 0)."""
+    alpha = flags.get("kd_alpha", 0)
+    return f"CRD+KD (alpha {alpha:g})" if alpha else "CRD"
+
+
+TRAINING_TYPE = TrainingType(
+    name="crd", run=train_crd, flags=FLAGS, flag_defaults={"beta": DEFAULT_BETA}, settings=CRDSettings, needs=frozenset({"teacher"}),
+    depends_on=STUDENT_KEYS + tuple(f.dest for f in FLAGS), report_order=60, bench=bench_crd, label=crd_label,
+    description=f"contrastive representation distillation: CE + --kd_alpha x KD + --beta x CRD (--beta default "
+                f"{DEFAULT_BETA}); --kd_alpha 0 is the CRD paper's CRD-only objective",
+    summary="CRD: contrastive representation distillation with memory banks, plus KD (--kd_alpha) and CE")

@@ -5,15 +5,41 @@ conv-BN-ReLU layers, global average pooling and two fully connected layers. The 
 fine-tuned on the frozen teacher first; then each student head learns from the teacher's head at the
 same stage (CE + beta * KD) while the student's final logits get the KD loss against the teacher's.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dih_utils import Cohort, mount_shapes
-from feature_baselines import report_extra, require_same_stages, resolve_beta, teacher_heads
+from feature_baselines import BETA_FLAG, heads_outputs, report_extra, require_same_stages, teacher_heads
+from flags import flag
 from KD_Loss import kd_loss, soft_kl
+from method_contract import StudentMethod
+from model_loading import load_teacher, model_meta, new_model
 from models_repo.base import conv_bn_relu, init_weights
-from train_funcs import OptimConfig, RunContext, RunPaths, StudentMethod, load_teacher, model_meta, new_model, run_phase
+from registry import STUDENT_KEYS, TrainingType
+from run_context import RunContext
+from run_outputs import RunPaths
+from train_funcs import run_phase
+
+# The weight of each head's KD term when --beta is not given.
+DEFAULT_BETA = 1.0
+
+
+@dataclass(frozen=True)
+class MHKDSettings:
+    """Each head's KD weight, and the teacher's already fine-tuned heads to reuse."""
+    beta: float
+    saved_mhkd_directory: str | None
+
+
+FLAGS = (
+    BETA_FLAG,
+    flag("--saved_mhkd_directory", default=None,
+         help="the teacher's fine-tuned heads to reuse (default: fine-tune them first into "
+              "<output stem>_mhkd_teacher_aux/)"),
+)
 
 # Heads on narrow stages are widened to this many channels so that they can classify at all.
 MIN_HEAD_WIDTH = 64
@@ -63,19 +89,37 @@ class MHKDMethod(StudentMethod):
 
 
 def train_mhkd(ctx: RunContext) -> dict:
-    """``--training_type mhkd``: fine-tune (or reuse) the teacher's heads, then train the student with its own."""
-    args, classes, size = ctx.args, ctx.info.num_classes, ctx.info.image_size
-    beta = resolve_beta(args)
+    """Fine-tune (or reuse) the teacher's heads, then train the student with its own."""
+    models, s, classes, size = ctx.cfg.models, ctx.cfg.method, ctx.info.num_classes, ctx.info.image_size
+    beta = s.beta
     require_same_stages(ctx)
     teacher = load_teacher(ctx)
-    student = new_model(ctx, args.student)
+    student = new_model(ctx, models.student)
     heads = build_multi_heads(student, classes, size).to(ctx.device)
     paths = RunPaths.for_output(ctx.out)
     teacher_multi, done = teacher_heads(ctx, teacher, build_multi_heads(teacher, classes, size),
-                                        args.saved_mhkd_directory, paths)
-    meta = model_meta(ctx, args.student, teacher=args.teacher, kd_alpha=args.kd_alpha,
-                      kd_temperature=args.kd_temperature, beta=beta, num_heads=len(heads))
-    method = MHKDMethod(student, heads, meta, Cohort(teacher, teacher_multi), args.kd_alpha, beta,
-                        args.kd_temperature)
+                                        s.saved_mhkd_directory, paths)
+    meta = model_meta(ctx, models.student, teacher=models.teacher, kd_alpha=models.kd_alpha,
+                      kd_temperature=models.kd_temperature, beta=beta, num_heads=len(heads))
+    method = MHKDMethod(student, heads, meta, Cohort(teacher, teacher_multi), models.kd_alpha, beta,
+                        models.kd_temperature)
     report_extra(ctx, {"heads": heads})
-    return run_phase(method, ctx, paths, OptimConfig.from_args(args), "mhkd", meta, done)
+    return run_phase(method, ctx, paths, ctx.cfg.optim, "mhkd", meta, done)
+
+
+def bench_mhkd(parts) -> MHKDMethod:
+    """MHKD with fresh multi-layer heads on both sides (the teacher's frozen)."""
+    student, m = parts.student(), parts.cfg.models
+    heads = build_multi_heads(student, parts.classes, parts.size)
+    teacher_heads_ = parts.frozen(build_multi_heads(parts.teacher, parts.classes, parts.size))
+    return MHKDMethod(student, heads, {}, Cohort(parts.teacher, teacher_heads_), m.kd_alpha,
+                      parts.cfg.method.beta, m.kd_temperature)
+
+
+TRAINING_TYPE = TrainingType(
+    name="mhkd", run=train_mhkd, flags=FLAGS, flag_defaults={"beta": DEFAULT_BETA}, settings=MHKDSettings, needs=frozenset({"teacher"}),
+    depends_on=STUDENT_KEYS + ("beta",), report_order=80, bench=bench_mhkd, same_stages=True,
+    outputs=lambda out, flags: heads_outputs(out, flags, "saved_mhkd_directory"),
+    description=f"multi-head knowledge distillation: KD on the final logits, and per stage head CE + --beta x KD "
+                f"(--beta default {DEFAULT_BETA})",
+    summary="MHKD: multi-layer heads on teacher and student; each student head learns from the teacher's")

@@ -25,3 +25,16 @@ def run_subprocess(args, cwd, timeout=600, script="final_test.py") -> subprocess
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def make_ctx(argv, data=None, seed: int = 0, out=None):
+    """A CPU RunContext whose settings are the console's for ``argv`` (data on the device path)."""
+    import dataclasses
+
+    import torch
+
+    from distributed import Dist
+    from run_context import RunContext
+    cfg = final_test.make_settings(final_test.build_parser().parse_args([str(a) for a in ["--gpu_id", "cpu", *argv]]))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_path="device"))
+    return RunContext(cfg, torch.device("cpu"), data, Dist(), seed, out)

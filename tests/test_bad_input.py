@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-import train_funcs
+import train_kd
 from checkpoints import model_record
 from console import run_inprocess
 from faults import make_imagefolder, one_thread, recipe, start, tree  # noqa: F401
@@ -40,7 +40,7 @@ def base(tmp_path_factory, one_thread):
     record["state_dict"]["fc.bias"] += 0.01
     torch.save(record, base / "other_teacher.pth")
     calls = {"n": 0}
-    forward = train_funcs.Distillation.forward
+    forward = train_kd.Distillation.forward
 
     def interrupt_in_epoch_2(self, x, y, idx):
         calls["n"] += 1
@@ -49,7 +49,7 @@ def base(tmp_path_factory, one_thread):
         return forward(self, x, y, idx)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_funcs.Distillation, "forward", interrupt_in_epoch_2)
+        mp.setattr(train_kd.Distillation, "forward", interrupt_in_epoch_2)
         code = run_inprocess([*recipe(data), "--training_type", "kd", "--saved_path", base / "teacher.pth",
                               "--path_to_save", base / "interrupted" / "kd.pth"])
     assert code == 128 + signal.SIGINT and (base / "interrupted" / "kd.state.pth").is_file()
@@ -123,14 +123,14 @@ CASES = {
     "unknown_dataset": (lambda b, c: ["--dataset", "mnist"], "invalid choice"),
     "bad_boolean": (lambda b, c: ["--nesterov", "maybe"], "expected True/False"),
     "non_numeric_epochs": (lambda b, c: ["--epochs", "three"], "invalid int value"),
-    "negative_batch_size": (lambda b, c: ["--batch_size", "-4"], "--batch_size must be positive"),
-    "zero_epochs": (lambda b, c: ["--epochs", "0"], "--epochs must be positive"),
-    "alpha_above_one": (lambda b, c: [*KD, "--kd_alpha", "1.5"], "must be in [0, 1]"),
-    "alpha_below_zero": (lambda b, c: [*KD, "--alpha", "-0.1"], "must be in [0, 1]"),
-    "temperature_zero": (lambda b, c: [*KD, "--kd_temperature", "0"], "temperature must be positive"),
-    "temperature_negative": (lambda b, c: [*KD, "--temperature", "-2"], "temperature must be positive"),
+    "negative_batch_size": (lambda b, c: ["--batch_size", "-4"], "--batch_size must be an integer >= 1, got -4"),
+    "zero_epochs": (lambda b, c: ["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+    "alpha_above_one": (lambda b, c: [*KD, "--kd_alpha", "1.5"], "must be a finite number >= 0 and <= 1, got 1.5"),
+    "alpha_below_zero": (lambda b, c: [*KD, "--alpha", "-0.1"], "must be a finite number >= 0 and <= 1, got -0.1"),
+    "temperature_zero": (lambda b, c: [*KD, "--kd_temperature", "0"], "temperature must be a finite number > 0, got 0"),
+    "temperature_negative": (lambda b, c: [*KD, "--temperature", "-2"], "temperature must be a finite number > 0, got -2"),
     "milestone_beyond_epochs": (lambda b, c: ["--schedule", "5"], "milestone 5 is outside 1..3"),
-    "zero_learning_rate": (lambda b, c: ["--lr", "0"], "--lr must be positive"),
+    "zero_learning_rate": (lambda b, c: ["--lr", "0"], "--lr must be a finite number > 0, got 0"),
     "resume_with_overwrite": (lambda b, c: ["--resume", "--overwrite"], "contradict"),
     "gpu_that_does_not_exist": (lambda b, c: ["--gpu_id", "cuda:7"], "cuda:7"),
     "gpu_id_garbage": (lambda b, c: ["--gpu_id", "banana"], "--gpu_id must be cuda:N or cpu"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import checkpoints
-import train_funcs
+import run_state
 from checkpoints import FORMAT, atomic_save, load_model_file, safe_load
 from console import ROOT, run_inprocess
 from dih_utils import build_heads, fingerprint, heads_meta, load_heads, mount_shapes, save_heads
@@ -127,7 +127,7 @@ def test_crafted_head_file_and_resume_state_are_refused(tmp_path):
         load_heads(tmp_path / "heads", teacher, meta)
     state = crafted(tmp_path / "m.state.pth", marker, raw=True)
     with pytest.raises(UserError, match="resume state .* was refused"):
-        train_funcs.load_resume_state(state, "kd", None, None, {})
+        run_state.load_resume_state(state, "kd", lambda s: None, {})
     assert not marker.exists()
 
 

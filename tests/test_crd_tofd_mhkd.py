@@ -3,7 +3,6 @@ import copy
 import dataclasses
 import json
 import math
-from argparse import Namespace
 
 import pytest
 import torch
@@ -11,18 +10,18 @@ import torch.nn.functional as F
 
 import CRD.crd
 import dataload
-import feature_baselines
 import final_test
 import MHKD.mhkd
+import feature_baselines
 import TOFD.tofd
 from checkpoints import atomic_save, model_record
-from console import TINY, run_inprocess, run_subprocess
+from console import TINY, make_ctx, run_inprocess, run_subprocess
 from CRD.crd import CRDMethod, nce_loss
 from dih_utils import Cohort
-from errors import UserError
+
 from MHKD.mhkd import MHKDMethod, build_multi_heads
 from models_repo import build_model
-from TOFD.tofd import TOFDMethod, build_aux, build_links, map_shapes, orthogonality_loss
+from registry import REGISTRY
 
 # The example command lines of the README, minus what only a GPU run on CIFAR-100 needs.
 EXAMPLE = ["--student", "res8", "--teacher", "res110", "--saved_path", "runs/teacher.pth", "--path_to_save",
@@ -122,48 +121,6 @@ def test_memory_update_is_a_normalised_momentum_average():
     assert {"memory_s", "memory_t", "z_s", "z_t", "_extra_state"} <= keys
 
 
-def gram_loss_by_hand(w):
-    rows, cols = len(w), len(w[0])
-    if rows > cols:  # the smaller Gram: W^T W
-        w = [[w[r][c] for r in range(rows)] for c in range(cols)]
-    n, total = len(w), 0.0
-    for i in range(n):
-        for j in range(n):
-            g = sum(w[i][k] * w[j][k] for k in range(len(w[0])))
-            total += (g - (1.0 if i == j else 0.0)) ** 2
-    return total
-
-
-@pytest.mark.parametrize("w", [[[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 0.0], [2.0, 1.0], [0.0, 1.0]],
-                               [[0.6, 0.8, 0.0], [-0.8, 0.6, 0.0]], [[0.3, -1.2], [0.5, 0.7]]])
-def test_orthogonality_loss_by_hand(w):
-    weight = torch.tensor(w)[:, :, None, None]  # a 1x1 convolution's (out, in, 1, 1) weight
-    assert orthogonality_loss(weight).item() == pytest.approx(gram_loss_by_hand(w), abs=1e-5)
-    if w[0] == [1.0, 2.0, 0.0]:
-        assert gram_loss_by_hand(w) == 25.0  # W W^T - I = [[4, 2], [2, 1]]
-
-
-# ----------------------------------------------------------------------------- stage-by-stage pairing
-
-def test_tofd_pairs_each_student_classifier_with_the_teachers_at_the_same_stage():
-    """A student identical to the teacher has zero KD and feature loss only if stage i meets stage i."""
-    torch.manual_seed(0)
-    teacher, teacher_aux = build_model("res8", 10), build_aux("res8", 10)
-    cohort = Cohort(teacher, teacher_aux)
-    student, aux = copy.deepcopy(teacher), copy.deepcopy(teacher_aux)
-    links = build_links(map_shapes(student, aux, 32), map_shapes(teacher, teacher_aux, 32))
-    method = TOFDMethod(student, aux, links, {}, cohort, alpha=1.0, beta=0.0, temperature=4.0).eval()
-    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
-    with torch.no_grad():
-        loss, logits = method(x, y, torch.arange(6))
-        expected = sum(F.cross_entropy(l, y) for l in cohort(x))
-        assert torch.allclose(logits, teacher(x), atol=1e-6)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    # The teacher's classifiers really differ from stage to stage, so any other pairing would add loss.
-    outs = cohort(x)
-    assert all(not torch.allclose(outs[i], outs[j]) for i in range(3) for j in range(i))
-
-
 def test_mhkd_pairs_each_student_head_with_the_teachers_at_the_same_stage():
     torch.manual_seed(0)
     teacher = build_model("res8", 10)
@@ -177,14 +134,6 @@ def test_mhkd_pairs_each_student_head_with_the_teachers_at_the_same_stage():
         expected = 0.7 * F.cross_entropy(outs[0], y) + sum(F.cross_entropy(l, y) for l in outs[1:])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert all(not torch.allclose(outs[i], outs[j]) for i in range(1, 4) for j in range(1, i))
-
-
-def test_tofd_links_bridge_different_widths_and_sizes():
-    student_shapes, teacher_shapes = [(64, 8, 8)] * 3, [(128, 4, 4)] * 3
-    links = build_links(student_shapes, teacher_shapes)
-    assert all(l.weight.shape == (128, 64, 1, 1) and l.bias is None for l in links)
-    s_map, t_map = TOFD.tofd.match_size(links[0](torch.randn(2, 64, 8, 8)), torch.randn(2, 128, 4, 4))
-    assert s_map.shape == t_map.shape == (2, 128, 4, 4)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -236,7 +185,7 @@ def test_each_console_type_trains_and_exports_a_plain_student(runs):
         saved = torch.load(runs / f"{kind}.pth", weights_only=True)
         assert saved["arch"] == "res8" and set(saved["state_dict"]) == plain
         assert set(saved["extra_modules"]) == names
-        assert saved["beta"] == feature_baselines.DEFAULT_BETA[kind]
+        assert saved["beta"] == REGISTRY[kind].flag_defaults["beta"]
     for kind, k in (("tofd", 2), ("mhkd", 3)):
         heads = runs / f"{kind}_{kind}_teacher_aux"
         assert sorted(p.name for p in heads.glob("head_*.pth")) == [f"head_{i}.pth" for i in range(1, k + 1)]
@@ -260,6 +209,12 @@ def test_scripts_run_the_same_methods_and_reuse_the_teachers_heads(runs):
             assert "reusing the teacher's" in result.stdout and f"[{kind}_teacher]" not in result.stdout
 
 
+def test_beta_has_a_default_per_method():
+    for kind, default in (("crd", 0.8), ("tofd", 0.03), ("mhkd", 1.0)):
+        assert make_ctx(["--training_type", kind]).cfg.method.beta == default
+        assert make_ctx(["--training_type", kind, "--beta", "0.5"]).cfg.method.beta == 0.5
+
+
 def test_example_command_lines_parse():
     for kind in SCRIPTS:
         args = final_test.build_parser().parse_args(["--training_type", kind, *EXAMPLE])
@@ -275,21 +230,12 @@ def test_script_refuses_another_training_type(capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "trains --training_type crd, not kd" in err
 
 
-def test_beta_has_a_default_per_method_and_crd_flags_are_checked():
-    for kind, default in feature_baselines.DEFAULT_BETA.items():
-        assert feature_baselines.resolve_beta(Namespace(training_type=kind, beta=None)) == default
-        assert feature_baselines.resolve_beta(Namespace(training_type=kind, beta=0.5)) == 0.5
-    with pytest.raises(UserError, match="--beta must not be negative"):
-        feature_baselines.resolve_beta(Namespace(training_type="tofd", beta=-0.1))
-    with pytest.raises(UserError, match=r"--nce_m must be in \[0, 1\)"):
-        CRD.crd.check_flags(Namespace(feat_dim=128, nce_k=16384, nce_t=0.07, nce_m=1.0))
-    with pytest.raises(UserError, match="--nce_t must be positive"):
-        CRD.crd.check_flags(Namespace(feat_dim=128, nce_k=16384, nce_t=0.0, nce_m=0.5))
-
-
 @pytest.mark.parametrize("kind, flags, message", [
-    ("crd", ["--nce_k", "0"], "--nce_k must be positive"),
-    ("crd", ["--feat_dim", "-1"], "--feat_dim must be positive"),
+    ("crd", ["--nce_k", "0"], "--nce_k must be a finite number >= 1"),
+    ("crd", ["--feat_dim", "-1"], "--feat_dim must be a finite number >= 1"),
+    ("crd", ["--nce_m", "1"], "--nce_m must be a finite number >= 0 and < 1"),
+    ("crd", ["--nce_t", "0"], "--nce_t must be a finite number > 0"),
+    ("tofd", ["--beta", "-0.1"], "--beta must be a finite number >= 0"),
     ("mhkd", ["--teacher", "res18"], "res18 has 4 stages and --student res8 has 3"),
     ("crd", [], "does not exist"),
     ("tofd", ["--saved_tofd_directory", "nowhere"], "holds no head_<i>.pth files"),

@@ -1,4 +1,4 @@
-"""Tests for dataload: every source read from files in its real on-disk format, and the batch iterators."""
+"""Tests for dataload and the modules behind it: every source read from files in its real on-disk format, and the batch iterators."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ import torchvision.datasets.utils
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+import batches
 import dataload
+import decode_cache
 from dataload import (
     DATASET_NAMES,
     DatasetInfo,
@@ -136,6 +138,8 @@ def test_cifar10_round_trip(tmp_path, no_md5, no_network):
 
     bundle = load_data("cifar10", str(tmp_path), download=False)
     assert bundle.info.classes == tuple(names)
+    # What --summary uses without the files must agree with what the files say.
+    assert dataload.known_info("cifar10") == bundle.info
     assert bundle.info.num_classes == 10 and bundle.info.image_size == 32
     assert bundle.info.mean == (0.4914, 0.4822, 0.4465) and bundle.info.std == (0.2470, 0.2435, 0.2616)
     assert bundle.train.images.shape == (15, 3, 32, 32) and bundle.train.images.dtype == torch.uint8
@@ -225,46 +229,51 @@ def nearest_class(images: torch.Tensor, colours: list[tuple[int, int, int]]) -> 
 
 
 def test_tiny_imagenet_labels_and_cache(tmp_path, monkeypatch):
-    build_tiny(tmp_path)
-    bundle = load_data("tiny-imagenet", str(tmp_path), download=False)
+    build_tiny(tmp_path / "data")
+    data, cache_dir = str(tmp_path / "data"), tmp_path / "cache"
+    bundle = load_data("tiny-imagenet", data, download=False, cache_dir=cache_dir)
     wnids = sorted(TINY_COLOURS)
     colours = [TINY_COLOURS[w] for w in wnids]
     assert bundle.info.classes == tuple(wnids) and bundle.info.image_size == 64
     assert bundle.info.mean == (0.4802, 0.4481, 0.3975) and bundle.info.std == (0.2770, 0.2691, 0.2821)
+    # Without files the wnids are unknown; everything else must agree with the loaded info.
+    known = dataload.known_info("tiny-imagenet")
+    assert (known.name, known.image_size, known.mean, known.std) == ("tiny-imagenet", 64, bundle.info.mean, bundle.info.std)
     assert bundle.train.images.shape == (9, 3, 64, 64) and bundle.test.images.shape == (6, 3, 64, 64)
     assert torch.equal(nearest_class(bundle.train.images, colours), bundle.train.labels)
     assert torch.equal(nearest_class(bundle.test.images, colours), bundle.test.labels)
     assert torch.bincount(bundle.test.labels).tolist() == [2, 2, 2]
 
     # A second load must come from the cache and not decode a single file.
-    cache = tmp_path / "tiny-imagenet-200" / ".dataload-cache.npz"
-    assert cache.is_file()
+    (cache,) = cache_dir.iterdir()
+    assert cache.name.startswith("tiny-imagenet-200-") and cache.suffix == ".npz"
 
     def no_decoding(path):
         raise AssertionError(f"decoded {path} although the cache is valid")
 
     with monkeypatch.context() as patch:
-        patch.setattr(dataload, "_read_image", no_decoding)
-        again = load_data("tiny-imagenet", str(tmp_path), download=False)
+        patch.setattr(decode_cache, "_read_image", no_decoding)
+        again = load_data("tiny-imagenet", data, download=False, cache_dir=cache_dir)
     assert torch.equal(again.train.images, bundle.train.images) and torch.equal(again.test.labels, bundle.test.labels)
 
     # One more training image changes the file count, so the cache must be rebuilt.
     wnid = wnids[0]
-    extra = tmp_path / "tiny-imagenet-200" / "train" / wnid / "images" / f"{wnid}_extra.JPEG"
+    extra = tmp_path / "data" / "tiny-imagenet-200" / "train" / wnid / "images" / f"{wnid}_extra.JPEG"
     write_image(extra, colours[0], 64, "JPEG")
-    grown = load_data("tiny-imagenet", str(tmp_path), download=False)
+    grown = load_data("tiny-imagenet", data, download=False, cache_dir=cache_dir)
     assert len(grown.train) == 10 and torch.bincount(grown.train.labels).tolist() == [4, 3, 3]
 
 
-def test_tiny_imagenet_read_only_folder_skips_cache(tmp_path, monkeypatch):
-    build_tiny(tmp_path, per_class=1, val_per_class=1)
+def test_tiny_imagenet_read_only_cache_folder_skips_cache(tmp_path, monkeypatch, capsys):
+    build_tiny(tmp_path / "data", per_class=1, val_per_class=1)
 
     def read_only(*args, **kwargs):
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(dataload.tempfile, "mkstemp", read_only)
-    bundle = load_data("tiny-imagenet", str(tmp_path), download=False)
-    assert len(bundle.train) == 3 and not (tmp_path / "tiny-imagenet-200" / ".dataload-cache.npz").exists()
+    monkeypatch.setattr(decode_cache.tempfile, "mkstemp", read_only)
+    bundle = load_data("tiny-imagenet", str(tmp_path / "data"), download=False, cache_dir=tmp_path / "cache")
+    assert len(bundle.train) == 3 and not any((tmp_path / "cache").iterdir())
+    assert "continuing without it" in capsys.readouterr().err
 
 
 def test_tiny_imagenet_missing(tmp_path, no_network):
@@ -345,10 +354,15 @@ def test_imagefolder_empty_or_malformed(tmp_path):
         load_data("imagefolder", str(tmp_path))
     (tmp_path / "train" / "cat").mkdir()
     (tmp_path / "test" / "cat").mkdir()
+    with pytest.raises(UserError, match="only one class folder"):
+        load_data("imagefolder", str(tmp_path))
+    (tmp_path / "train" / "dog").mkdir()
+    (tmp_path / "test" / "dog").mkdir()
     with pytest.raises(UserError, match="contains no images"):
         load_data("imagefolder", str(tmp_path))
     write_image(tmp_path / "train" / "cat" / "1.png", (0, 0, 0))
     write_image(tmp_path / "train" / "dog" / "1.png", (0, 0, 0))
+    write_image(tmp_path / "train" / "bird" / "1.png", (0, 0, 0))
     with pytest.raises(UserError, match="same class folders"):
         load_data("imagefolder", str(tmp_path))
 
@@ -554,13 +568,13 @@ def test_train_batches_rank_shards():
 def test_device_copy_cached_per_split():
     split = make_split(4)
     meta = torch.device("meta")
-    images, labels = dataload._on_device(split, meta)
-    assert images.device.type == "meta" and dataload._on_device(split, meta)[0] is images
+    images, labels = batches._on_device(split, meta)
+    assert images.device.type == "meta" and batches._on_device(split, meta)[0] is images
     key = (id(split), str(meta))
-    assert key in dataload._DEVICE_COPIES
+    assert key in batches._DEVICE_COPIES
     del split, images, labels
     gc.collect()
-    assert key not in dataload._DEVICE_COPIES
+    assert key not in batches._DEVICE_COPIES
 
 
 def test_loader_mode_matches_device_mode():

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-import train_funcs
+import train_ce
 from console import run_inprocess
 from faults import make_imagefolder, one_thread, recipe, tree  # noqa: F401
 
@@ -39,7 +39,7 @@ class Inject:
 
     def __init__(self, monkeypatch, calls, action):
         self.n, self.calls, self.action = 0, set(calls), action
-        forward = train_funcs.CrossEntropy.forward
+        forward = train_ce.CrossEntropy.forward
 
         def wrapped(method, x, y, idx):
             self.n += 1
@@ -48,7 +48,7 @@ class Inject:
                 loss = self.action(loss)
             return loss, logits
 
-        monkeypatch.setattr(train_funcs.CrossEntropy, "forward", wrapped)
+        monkeypatch.setattr(train_ce.CrossEntropy, "forward", wrapped)
 
 
 def one_line(err: str) -> str:

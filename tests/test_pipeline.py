@@ -6,13 +6,15 @@ import pytest
 import torch
 
 import dataload
-import final_test
-import train_funcs
-from distributed import from_env
-from console import TINY, run_inprocess
+from console import TINY, make_ctx, run_inprocess
 from dih_utils import Cohort, build_heads, fingerprint, heads_meta, load_heads, mount_shapes
 from KD_Loss import dih_loss
+from model_loading import model_meta
 from models_repo import build_model
+from run_outputs import RunPaths
+from train_fine_tune import HeadTuning
+from train_funcs import Trainer
+from train_kd import Distillation
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +68,12 @@ def test_existing_output_is_not_overwritten(runs, capsys):
     assert (runs / "res8_kd.pth").read_bytes() == before
 
 
-def make_ctx(tmp_path, extra=()):
+def tiny_ctx(tmp_path, extra=()):
     """A RunContext for the tiny recipe, for tests that drive the loop directly."""
-    args = final_test.build_parser().parse_args([str(a) for a in [*TINY, *extra]])
-    data = dataload.load_data(args.dataset, args.data_dir, args.val_size, train_subset=args.train_subset)
-    args.data_path = "device"
-    return train_funcs.RunContext(args, torch.device("cpu"), data, from_env(), 3, tmp_path / "out.pth")
+    ctx = make_ctx([*TINY, *extra], seed=3, out=tmp_path / "out.pth")
+    d = ctx.cfg.data
+    ctx.data = dataload.load_data(d.dataset, d.data_dir, d.val_size, train_subset=d.train_subset)
+    return ctx
 
 
 def trained_teacher_and_heads(runs):
@@ -97,7 +99,7 @@ def test_dih_student_gets_gradient_from_every_head(runs):
     torch.manual_seed(0)
     student = build_model("res8", 10)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    method = train_funcs.Distillation(student, {}, Cohort(teacher, heads), 0.1, 5.0)
+    method = Distillation(student, {}, Cohort(teacher, heads), 0.1, 5.0)
     method.train()
     assert len(method.cohort.heads) == 3
 
@@ -114,7 +116,7 @@ def test_dih_student_gets_gradient_from_every_head(runs):
             # A zeroed head predicts the uniform distribution: a different teacher signal.
             altered[i].fc.weight.zero_()
             altered[i].fc.bias.zero_()
-        other = train_funcs.Distillation(student, {}, Cohort(teacher, altered), 0.1, 5.0)
+        other = Distillation(student, {}, Cohort(teacher, altered), 0.1, 5.0)
         assert not torch.allclose(student_grad(other), reference), f"head {i + 1} does not reach the student"
     # And the loss is exactly the DIH loss of all four cohort members.
     with torch.no_grad():
@@ -124,18 +126,16 @@ def test_dih_student_gets_gradient_from_every_head(runs):
 
 
 def test_teacher_and_heads_do_not_change_while_training(runs, tmp_path):
-    ctx = make_ctx(tmp_path)
+    ctx = tiny_ctx(tmp_path)
     teacher, heads, meta = trained_teacher_and_heads(runs)
     teacher_before, heads_before = snapshot(teacher), snapshot(heads)
-    cfg = train_funcs.OptimConfig.from_args(ctx.args)
-    tuning = train_funcs.HeadTuning(teacher, build_heads(teacher, 10, 32), meta)
-    train_funcs.fit(tuning, ctx, train_funcs.RunPaths.for_output(tmp_path / "h", is_dir=True), cfg, "fine_tune",
-                    {**meta, "seed": 3})
+    cfg = ctx.cfg.optim
+    tuning = HeadTuning(teacher, build_heads(teacher, 10, 32), meta)
+    Trainer(tuning, ctx, RunPaths.for_output(tmp_path / "h", is_dir=True), cfg, "fine_tune", {**meta, "seed": 3}).run()
     assert_same(teacher_before, teacher)
     assert not teacher.training
-    method = train_funcs.Distillation(build_model("res8", 10), train_funcs.model_meta(ctx, "res8"),
-                                      Cohort(teacher, heads), 0.1, 5.0)
-    train_funcs.fit(method, ctx, train_funcs.RunPaths.for_output(tmp_path / "s.pth"), cfg, "dih", method.meta)
+    method = Distillation(build_model("res8", 10), model_meta(ctx, "res8"), Cohort(teacher, heads), 0.1, 5.0)
+    Trainer(method, ctx, RunPaths.for_output(tmp_path / "s.pth"), cfg, "dih", method.meta).run()
     assert_same(teacher_before, teacher)
     assert_same(heads_before, heads)
     assert not teacher.training and not any(h.training for h in heads)

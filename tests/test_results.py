@@ -17,7 +17,10 @@ import dataload
 import final_test
 import pipeline
 import report
+import run_state
 import train_funcs
+from console_flags import DEFAULT_METHODS
+from registry import REGISTRY, ordered
 from console import ROOT, TINY, run_inprocess
 
 SEEDS = (3, 4)
@@ -107,7 +110,7 @@ def test_rerun_trains_nothing(sweep, monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise AssertionError("a finished step was run again")
 
-    monkeypatch.setattr(train_funcs, "fit", refuse)
+    monkeypatch.setattr(train_funcs.Trainer, "run", refuse)
     monkeypatch.setattr(dataload, "load_data", refuse)
     assert run_inprocess(pipeline_args(sweep)) == 0
     # Flags of methods the folder's runs do not use (FitNets, TAKD) do not make them stale.
@@ -120,7 +123,8 @@ def test_rerun_with_another_training_flag_is_refused(sweep, capsys):
     before = outputs(sweep)
     assert run_inprocess(pipeline_args(sweep, "--kd_alpha", 0.5)) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: teacher res14 finished in") and "--kd_alpha 0.1" in err and "0.5" in err
+    # The teacher's ce step does not depend on --kd_alpha (not in its result keys): the first KD student is stale.
+    assert err.startswith("error: kd seed 3 finished in") and "--kd_alpha 0.1" in err and "0.5" in err
     assert outputs(sweep) == before
 
 
@@ -131,14 +135,14 @@ def test_killed_step_resumes_with_the_same_command(sweep, tmp_path, monkeypatch,
         (root / name).unlink()
     kept = outputs(root)
     # SIGTERM during the first batch: the loop writes its checkpoint and stops, as a killed sweep does.
-    requested = train_funcs.StopFlag.requested
+    requested = run_state.StopFlag.requested
 
     def signalled(self, batch=None):
         if self.signum is None:
             self.handle(signal.SIGTERM, None)
         return requested(self, batch)
 
-    monkeypatch.setattr(train_funcs.StopFlag, "requested", signalled)
+    monkeypatch.setattr(run_state.StopFlag, "requested", signalled)
     assert run_inprocess(pipeline_args(root)) == 128 + signal.SIGTERM
     assert (root / "kd_s4.state.pth").is_file() and not (root / "kd_s4.json").exists()
     monkeypatch.undo()
@@ -182,20 +186,19 @@ def test_plan_sets_each_steps_flags_and_passes_the_rest_through(tmp_path):
     assert dih.saved_intermediates_directory == str(tmp_path / "heads") and dih.seed == [8]
     for step in parsed.values():  # the pipeline's own flags never reach a step; the others always do
         assert (step.kd_temperature, step.nesterov, step.amp, step.epochs_fitnets_1) == (4.0, False, True, 3)
-        assert step.methods == pipeline.DEFAULT_METHODS and step.teacher_epochs is None and not step.resume
+        assert step.methods == list(DEFAULT_METHODS) and step.teacher_epochs is None and not step.resume
     # FitNets' final student is stage 2's file: that result decides whether the step is finished.
     assert steps[3].final.result == tmp_path / "fitnets_s7_final.json"
 
 
-def test_training_flags_follow_the_method_argument_groups():
-    parser = final_test.build_parser()
-    general = set(pipeline.training_flags(parser, "ce"))
-    assert {"kd_alpha", "lr", "epochs", "schedule", "teacher"} <= general
-    assert set(pipeline.training_flags(parser, "kd")) == general == set(pipeline.training_flags(parser, "fine_tune"))
-    assert set(pipeline.training_flags(parser, "fitnets")) - general >= {"epochs_fitnets_1", "hint_layer"}
-    assert set(pipeline.training_flags(parser, "takd")) - general == {"ta"}
-    assert {"beta", "nce_k"} <= set(pipeline.training_flags(parser, "crd"))
-    assert "beta" in pipeline.training_flags(parser, "tofd") and "nce_k" not in pipeline.training_flags(parser, "tofd")
+def test_result_keys_are_what_each_type_trains_with():
+    keys = {name: set(t.result_keys) for name, t in REGISTRY.items()}
+    assert {"lr", "epochs", "schedule", "teacher"} <= keys["ce"] and not {"kd_alpha", "student"} & keys["ce"]
+    assert keys["ce"] == keys["fine_tune"]
+    assert keys["kd"] - keys["ce"] == {"student", "kd_alpha", "kd_temperature"} == keys["dih"] - keys["ce"]
+    assert keys["fitnets"] - keys["kd"] >= {"epochs_fitnets_1", "hint_layer"}
+    assert keys["takd"] - keys["kd"] == {"ta"}
+    assert {"beta", "nce_k"} <= keys["crd"] and "beta" in keys["tofd"] and "nce_k" not in keys["tofd"]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -384,9 +387,10 @@ def test_scripts_are_commands_the_console_accepts(script, tmp_path):
     assert len(commands) == len(lines) - 1 >= 1
     for argv in commands:
         args = final_test.build_parser().parse_args(argv)
-        final_test.validate(args)
+        final_test.validate(args, final_test.build_parser())
         assert args.dataset == "cifar100" and args.epochs == 200 and args.path_to_save.startswith(str(tmp_path))
     report.build_parser().parse_args(lines[-1][1:])
     types = [final_test.build_parser().parse_args(argv).training_type for argv in commands]
-    expected = ["pipeline"] if script.startswith("pipeline") else ["ce", "fine_tune", *report.METHOD_ORDER]
+    expected = ["pipeline"] if script.startswith("pipeline") else ["ce", "fine_tune", *(
+        t.name for t in ordered() if t.in_pipeline)]
     assert types == expected

@@ -11,12 +11,12 @@ import threading
 import pytest
 import torch
 
-import final_test
+from registry import REGISTRY
 from console import run_inprocess
 from faults import kill_after_first_epoch, make_imagefolder, one_thread, recipe, start, wait_for_state  # noqa: F401
 
 # The feature baseline tested: CRD when registered (it is, at the time of writing), else AT or FitNets.
-FEATURE = next(t for t in ("crd", "at", "fitnets") if t in final_test.TRAINING_TYPES)
+FEATURE = next(t for t in ("crd", "at", "fitnets") if t in REGISTRY)
 TYPES = ["ce", "fine_tune", "kd", "dih", FEATURE]
 
 

@@ -13,21 +13,22 @@ import json
 import torch
 from torch import nn
 
-import final_test
 import train_funcs
 from checkpoints import atomic_save, model_record
 from dih_utils import Cohort, build_heads
-from distributed import Dist
 from models_repo import build_model
-from console import TINY, run_inprocess
+from console import TINY, make_ctx, run_inprocess
+from method_contract import Method
+from run_context import RunContext
+from train_fine_tune import HeadTuning
+from train_kd import Distillation
 
 CLASSES = 10
 
 
-def context(*flags: str) -> train_funcs.RunContext:
-    """A CPU run context whose arguments are the console's with ``flags``."""
-    args = final_test.build_parser().parse_args(["--gpu_id", "cpu", *flags])
-    return train_funcs.RunContext(args, torch.device("cpu"), None, Dist(), 0, None)
+def context(*flags: str):
+    """A CPU run context whose settings are the console's with ``flags``."""
+    return make_ctx(flags)
 
 
 def fixed_batch(n: int = 16):
@@ -36,22 +37,22 @@ def fixed_batch(n: int = 16):
     return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (n,), generator=g), torch.arange(n)
 
 
-def dih_method() -> train_funcs.Distillation:
+def dih_method() -> Distillation:
     """DIH: a res8 student, a frozen res8 teacher and its three heads (random weights, fixed seed)."""
     torch.manual_seed(0)
     teacher = build_model("res8", CLASSES)
     cohort = Cohort(teacher, build_heads(teacher, CLASSES, 32))
-    return train_funcs.Distillation(build_model("res8", CLASSES), {}, cohort, 0.1, 5.0)
+    return Distillation(build_model("res8", CLASSES), {}, cohort, 0.1, 5.0)
 
 
-def head_tuning_method() -> train_funcs.HeadTuning:
+def head_tuning_method() -> HeadTuning:
     """Head fine-tuning on a frozen res8 teacher (random weights, fixed seed)."""
     torch.manual_seed(0)
     teacher = build_model("res8", CLASSES)
-    return train_funcs.HeadTuning(teacher, build_heads(teacher, CLASSES, 32), {})
+    return HeadTuning(teacher, build_heads(teacher, CLASSES, 32), {})
 
 
-def training_loss(method: train_funcs.Method, ctx: train_funcs.RunContext, backward: bool = False):
+def training_loss(method: Method, ctx: RunContext, backward: bool = False):
     """The float32 loss of one training forward as ``fit`` runs it (and the student's gradients)."""
     step_fn = train_funcs.prepare_step(method, ctx)
     method.train()
@@ -85,7 +86,7 @@ def test_channels_last_loss_matches_and_reaches_the_frozen_cohort():
 
 def test_amp_is_bfloat16_autocast_on_cpu_and_keeps_the_loss():
     ctx = context("--amp")
-    with train_funcs.autocast(ctx):
+    with ctx.autocast():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         # The frozen cohort's pass runs under the same autocast as the student's.
         assert dih_method().cohort(fixed_batch()[0])[0].dtype == torch.bfloat16

@@ -1,0 +1,161 @@
+"""The console's parser: the shared flags in groups, then one group per registered training type.
+
+Every numeric flag declares its range here (or in its training type's module); ``final_test`` checks
+all of them before anything is loaded.
+"""
+import dataload
+from flags import HelpFormatter, Parser, Range, add_flags, flag, parse_bool
+from models_repo import MODELS
+from registry import REGISTRY, ordered
+
+MODES = ("pipeline", "test")
+SEED_RANGE = Range(0, 2 ** 32 - 1, distinct=True)
+# The recipe's milestones as fractions of the epochs: 60/120/180 of 200.
+MILESTONE_FRACTIONS = (0.3, 0.6, 0.9)
+DEFAULT_METHODS = ("ce", "kd", "dih")
+# Shared flags whose default a training type may replace (registry ``flag_defaults``); unset, they are None
+# until the console resolves them for the command's type.
+SHARED_DEFAULTS = {"kd_alpha": 0.1, "kd_temperature": 5.0}
+
+
+def default_milestones(epochs: int) -> list:
+    """The recipe's MultiStepLR milestones for ``epochs`` epochs: 30%, 60% and 90%, at least 1, distinct."""
+    return sorted({min(epochs, max(1, round(f * epochs))) for f in MILESTONE_FRACTIONS})
+
+
+RUN_FLAGS = (
+    flag("--seed", type=int, nargs="+", default=[30, 50, 67], range=SEED_RANGE,
+         help="one run per seed (0..2^32-1); several seeds get _s<seed> output suffixes and a mean/std summary"),
+    flag("--gpu_id", default=None,
+         help="cuda:N or cpu (default: cuda:0 if available, else cpu; cuda:<LOCAL_RANK> under torchrun)"),
+    flag("--resume", action="store_true", help="continue an interrupted run from its checkpoint"),
+    flag("--nan_policy", default="stop", choices=["stop", "skip"],
+         help="on a non-finite loss: stop the run, or skip the batch and count it"),
+    flag("--deterministic", action="store_true",
+         help="deterministic algorithms, no cuDNN benchmarking (reproducible, slower)"),
+    flag("--summary", action="store_true", help="print the model with torchsummary and exit"),
+)
+DATA_FLAGS = (
+    flag("--dataset", default="cifar100", choices=dataload.DATASET_NAMES, help="the dataset"),
+    flag("--data_dir", default="./data", help="where datasets are read from or downloaded to"),
+    flag("--val_size", type=int, default=0, range=Range(0),
+         help="class-balanced validation images held out of the training set (0: none)"),
+    flag("--train_subset", type=int, default=0, range=Range(0),
+         help="train on a class-balanced subset of this many training images (0: all)"),
+    flag("--batch_size", type=int, default=64, range=Range(1), help="batch size (per process under torchrun)"),
+    flag("--num_workers", type=int, default=2, range=Range(0), help="loader workers (--data_path loader only)"),
+    flag("--cache_dir", default=None,
+         help="where decoded image folders and Tiny-ImageNet are cached between runs (default: "
+              "$XDG_CACHE_HOME/dih-toolkit, else ~/.cache/dih-toolkit)"),
+    flag("--no_cache", action="store_true", help="decode image files on every run; write no cache"),
+    flag("--data_path", default="auto", choices=["auto", "device", "loader"],
+         help="device: whole dataset on the training device, augmented there; loader: torchvision "
+              "DataLoader; auto: device when it fits in memory"),
+)
+OPTIM_FLAGS = (
+    flag("--epochs", type=int, default=200, range=Range(1), help="training epochs"),
+    flag("--lr", type=float, default=0.1, range=Range(0, lo_open=True), help="SGD learning rate"),
+    flag("--wd", type=float, default=5e-4, range=Range(0), help="weight decay"),
+    flag("--momentum", type=float, default=0.9, range=Range(0, 1, hi_open=True), help="SGD momentum"),
+    flag("--nesterov", type=parse_bool, default=True, help="nesterov momentum (True/False)"),
+    flag("--schedule", type=int, nargs="+", default=None, range=Range(1, increasing=True),
+         help="MultiStepLR milestones, strictly increasing (default: 30%%, 60%% and 90%% of --epochs, "
+              "60 120 180 for 200 epochs)"),
+    flag("--schedule_gamma", type=float, default=0.1, range=Range(0, lo_open=True),
+         help="lr decay factor at each milestone"),
+)
+DISTILL_FLAGS = (
+    flag("--teacher", default="res110", choices=list(MODELS),
+         help="teacher architecture (the model trained by --training_type ce)"),
+    flag("--student", default="res8", choices=list(MODELS), help="student architecture"),
+    flag("--saved_path", default=None,
+         help="the trained teacher checkpoint (or, with --training_type test, the model to evaluate) (default: none)"),
+    flag("--saved_intermediates_directory", default=None, help="heads written by fine_tune (default: none)"),
+    flag("--kd_temperature", "--temperature", dest="kd_temperature", type=float, default=None,
+         range=Range(0, lo_open=True),
+         help="KD temperature T (default: 5; a training type may set its own, stated in its group)"),
+    flag("--kd_alpha", "--alpha", dest="kd_alpha", type=float, default=None, range=Range(0, 1),
+         help="weight alpha of the distillation term, 1 - alpha weights CE (default: 0.1; a training type may "
+              "set its own, stated in its group)"),
+)
+OUTPUT_FLAGS = (
+    flag("--path_to_save", default=None,
+         help="output model file, a folder for fine_tune and pipeline (default: runs/<type>_<model>.pth)"),
+    flag("--overwrite", action="store_true", help="replace existing outputs"),
+)
+SPEED_FLAGS = (
+    flag("--amp", action="store_true",
+         help="bfloat16 autocast on the training device, CUDA or CPU (losses in float32); on a CPU it is "
+              "faster only with native bfloat16 (AVX512-BF16, AMX), bench/bench.py --amp measures it"),
+    flag("--channels_last", action="store_true",
+         help="channels-last memory format for the trained modules, the frozen teacher/heads and the input"),
+    flag("--compile", action="store_true",
+         help="torch.compile the training step (needs a C compiler on CPU; the first batches compile)"),
+)
+MULTI_GPU_FLAGS = (
+    flag("--scale_lr", action="store_true",
+         help="multiply --lr by the number of processes (the global batch is world size x --batch_size)"),
+    flag("--sync_bn", action="store_true",
+         help="SyncBatchNorm in the trained modules: batch statistics over all processes (CUDA only)"),
+    flag("--dist_timeout", type=float, default=1800.0, range=Range(0, lo_open=True),
+         help="seconds to wait for the other processes at the rendezvous and in any collective"),
+)
+GROUPS = (
+    ("run", "what runs, and how", RUN_FLAGS),
+    ("data", "dataset, splits and batches", DATA_FLAGS),
+    ("optimisation", "SGD and its schedule (the method's recipe by default)", OPTIM_FLAGS),
+    ("distillation", "teacher, student, their trained inputs and the KD term", DISTILL_FLAGS),
+    ("outputs", None, OUTPUT_FLAGS),
+    ("speed", None, SPEED_FLAGS),
+    ("multi-GPU (torchrun)", "used when launched with torchrun (docs/MULTI_GPU.md)", MULTI_GPU_FLAGS),
+)
+
+
+def resolve_defaults(args) -> None:
+    """Fill in the defaults that depend on other flags, in place: the schedule follows ``--epochs``; shared
+    flags left unset take the training type's own default (registry ``flag_defaults``), else the toolkit's;
+    the cache folder is the user's cache unless ``--no_cache``."""
+    if args.schedule is None:
+        args.schedule = default_milestones(args.epochs)
+    args.cache_dir = None if args.no_cache else (args.cache_dir or dataload.default_cache_dir())
+    t = REGISTRY.get(args.training_type)
+    own = t.flag_defaults if t else {}
+    for dest in {*SHARED_DEFAULTS, *own}:
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, own.get(dest, SHARED_DEFAULTS.get(dest)))
+
+
+def pipeline_flags(methods: list) -> tuple:
+    """The pipeline's own flags; ``methods``: the training types it can run."""
+    return (
+        flag("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=methods,
+             help="the student methods to run over the seeds (ce: the student trained alone)"),
+        flag("--teacher_epochs", type=int, default=None, range=Range(1),
+             help="the teacher's epochs (default: --epochs)"),
+        flag("--teacher_schedule", type=int, nargs="+", default=None, range=Range(1, increasing=True),
+             help="the teacher's MultiStepLR milestones (default: --schedule, else the recipe's fractions of "
+                  "the teacher's epochs)"),
+    )
+
+
+def build_parser(prog: str = "final_test.py") -> Parser:
+    """Every flag of the method's hyper-parameter table and the toolkit's own, grouped, with defaults."""
+    types = ordered()
+    p = Parser(prog=prog, description="Train teachers, heads and students for DIH and its baselines.",
+               formatter_class=HelpFormatter)
+    p.add_argument("--training_type", default="dih", choices=[t.name for t in types] + list(MODES),
+                   help="what to train: " + "; ".join(f"{t.name}: {t.summary}" for t in types)
+                        + "; test: evaluate --saved_path (and its heads) on the test split; pipeline: teacher, "
+                          "heads and --methods over the seeds into one folder (docs/PIPELINES.md)")
+    for title, description, group_flags in GROUPS:
+        add_flags(p.add_argument_group(title, description), group_flags)
+    add_flags(p.add_argument_group("pipeline", "--training_type pipeline: --path_to_save is the pipeline's folder "
+                                   "(default runs/<dataset>_<teacher>_<student>); every other flag reaches every step"),
+              pipeline_flags([t.name for t in types if t.in_pipeline]))
+    seen = {a.dest for a in p._actions}
+    for t in types:
+        own = [f for f in t.flags if f.dest not in seen]
+        if own or t.description:
+            add_flags(p.add_argument_group(t.name, t.description or None), own)
+        seen.update(f.dest for f in own)
+    return p

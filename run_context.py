@@ -1,0 +1,42 @@
+"""What one run of one seed works with: its settings, device, data, process group, seed and output."""
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import dataload
+from distributed import Dist
+from settings import Settings
+
+
+@dataclass
+class RunContext:
+    """Everything one run of one seed needs, built once by the console."""
+    cfg: Settings
+    device: torch.device
+    data: dataload.DataBundle
+    dist: Dist
+    seed: int
+    out: Path                      # the run's --path_to_save, with the seed suffix applied
+
+    @property
+    def info(self) -> dataload.DatasetInfo:
+        """The dataset's description (classes, input size, normalization)."""
+        return self.data.info
+
+    def say(self, message: str) -> None:
+        """One line on stdout from rank 0."""
+        if self.dist.is_main:
+            tqdm.write(message)
+
+    def autocast(self):
+        """bfloat16 autocast on the run's device (CUDA or CPU) with ``--amp``; a no-op otherwise.
+
+        On a CPU it pays off only where the processor computes in bfloat16 natively (AVX512-BF16, AMX);
+        losses stay float32 either way (KD_Loss).
+        """
+        if self.cfg.run.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()

@@ -1,0 +1,86 @@
+"""Typed, frozen settings built once from the parsed flags; code below the console reads these, never argparse.
+
+``Settings.flags`` keeps every flag's value as a plain dict: result and resume files record it, and
+resume compares a training type's ``result_keys`` against it.
+"""
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """SGD and MultiStepLR settings of one training phase."""
+    epochs: int
+    lr: float
+    wd: float
+    milestones: tuple
+    gamma: float
+    momentum: float = 0.9
+    nesterov: bool = True
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which data, and how batches are made."""
+    dataset: str
+    data_dir: str
+    val_size: int
+    train_subset: int
+    batch_size: int
+    num_workers: int
+    data_path: str
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run behaves: resume and overwrite, non-finite losses, speed switches, multi-GPU options."""
+    resume: bool = False
+    overwrite: bool = False
+    nan_policy: str = "stop"
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    scale_lr: bool = False
+    sync_bn: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The models of a run, their trained inputs, and the distillation weights every KD term uses."""
+    teacher: str
+    student: str
+    saved_path: str | None = None
+    heads_dir: str | None = None          # --saved_intermediates_directory
+    kd_alpha: float = 0.1
+    kd_temperature: float = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one command asks for, typed; ``method`` holds the training type's own settings."""
+    training_type: str
+    run: RunSettings
+    data: DataSettings
+    optim: OptimSettings
+    models: ModelSettings
+    method: object = None
+    flags: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    result_keys: tuple = ()               # the flags a resume must not change (the training type's)
+
+
+def pick(cls, values: dict, **renamed):
+    """An instance of the dataclass ``cls`` from ``values`` by field name (``renamed``: field -> flag)."""
+    return cls(**{f.name: values[renamed.get(f.name, f.name)] for f in fields(cls)
+                  if renamed.get(f.name, f.name) in values})
+
+
+def settings_from_flags(values: dict, method_settings=None, result_keys: tuple = ()) -> Settings:
+    """Settings from a dict of flag values (``vars`` of the console's namespace, milestones resolved)."""
+    optim = OptimSettings(values["epochs"], values["lr"], values["wd"], tuple(values["schedule"]),
+                          values["schedule_gamma"], values["momentum"], values["nesterov"])
+    method = pick(method_settings, values) if method_settings is not None else None
+    return Settings(values["training_type"], pick(RunSettings, values), pick(DataSettings, values), optim,
+                    pick(ModelSettings, values, heads_dir="saved_intermediates_directory"), method,
+                    MappingProxyType(dict(values)), tuple(result_keys))
