@@ -1,4 +1,5 @@
 """Running the console from tests: in-process (fast) or as a subprocess (signals, exit codes)."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -38,3 +39,29 @@ def make_ctx(argv, data=None, seed: int = 0, out=None):
     cfg = final_test.make_settings(final_test.build_parser().parse_args([str(a) for a in ["--gpu_id", "cpu", *argv]]))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_path="device"))
     return RunContext(cfg, torch.device("cpu"), data, Dist(), seed, out)
+
+
+@contextlib.contextmanager
+def data_loaded_once(test_images: int | None = None):
+    """Within the block, each dataset is generated or read once (the in-process runs of a module share it),
+    and, with ``test_images``, evaluated on its first test images only: evaluation dominates one-epoch runs."""
+    import dataclasses
+
+    import pytest
+
+    import dataload
+    real, loaded = dataload.load_data, {}
+
+    def load_data(*args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in loaded:
+            data = real(*args, **kwargs)
+            if test_images is not None:
+                data = dataclasses.replace(data, test=dataload.Split(data.test.images[:test_images],
+                                                                     data.test.labels[:test_images]))
+            loaded[key] = data
+        return loaded[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dataload, "load_data", load_data)
+        yield

@@ -1,16 +1,14 @@
 """FitNets, TAKD and AT: golden losses, short CPU runs of each training type, and their input errors."""
-import functools
 import json
 
 import numpy as np
 import pytest
 import torch
 
-import dataload
 import final_test
 import train_fitnets
 from KD_Loss import at_loss, attention_map, hint_loss
-from console import TINY, run_inprocess
+from console import TINY, data_loaded_once, run_inprocess
 
 # TINY with fewer training images and a res8 teacher: every phase below is a few CPU seconds.
 FAST = [*TINY, "--train_subset", "120", "--teacher", "res8"]
@@ -83,10 +81,8 @@ def test_at_loss_by_hand_with_a_pooled_pair_and_p3():
 @pytest.fixture(scope="module", autouse=True)
 def cached_data():
     """Generate the synthetic data once for the whole module (every run reads the same arrays)."""
-    mp = pytest.MonkeyPatch()
-    mp.setattr(final_test.dataload, "load_data", functools.cache(dataload.load_data))
-    yield
-    mp.undo()
+    with data_loaded_once():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """CRD, TOFD and MHKD: their losses by hand, stage-by-stage pairing, a frozen teacher, and both ways to run them."""
 import copy
-import dataclasses
 import json
 import math
 
@@ -9,13 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import CRD.crd
-import dataload
 import final_test
 import MHKD.mhkd
 import feature_baselines
 import TOFD.tofd
 from checkpoints import atomic_save, model_record
-from console import TINY, make_ctx, run_inprocess, run_subprocess
+from console import TINY, data_loaded_once, make_ctx, run_inprocess, run_subprocess
 from CRD.crd import CRDMethod, nce_loss
 from dih_utils import Cohort
 
@@ -35,22 +33,9 @@ SCRIPTS = {"crd": "CRD/train_student.py", "tofd": "TOFD/tofd_train.py", "mhkd": 
 
 @pytest.fixture(scope="module", autouse=True)
 def small_test_split():
-    """In-process runs generate the data once and evaluate on 200 of its 1000 test images.
-
-    Evaluation dominates these one-epoch runs; the subprocess runs (scripts) still use the whole split.
-    """
-    real, cache = dataload.load_data, {}
-
-    def load(*args, **kwargs):
-        key = repr((args, sorted(kwargs.items())))
-        if key not in cache:
-            bundle = real(*args, **kwargs)
-            test = dataload.Split(bundle.test.images[:200], bundle.test.labels[:200])
-            cache[key] = dataclasses.replace(bundle, test=test)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dataload, "load_data", load)
+    """In-process runs generate the data once and evaluate on 200 of its 1000 test images; the subprocess
+    runs (scripts) still use the whole split."""
+    with data_loaded_once(200):
         yield
 
 
@@ -231,8 +216,8 @@ def test_script_refuses_another_training_type(capsys):
 
 
 @pytest.mark.parametrize("kind, flags, message", [
-    ("crd", ["--nce_k", "0"], "--nce_k must be a finite number >= 1"),
-    ("crd", ["--feat_dim", "-1"], "--feat_dim must be a finite number >= 1"),
+    ("crd", ["--nce_k", "0"], "--nce_k must be an integer >= 1"),
+    ("crd", ["--feat_dim", "-1"], "--feat_dim must be an integer >= 1"),
     ("crd", ["--nce_m", "1"], "--nce_m must be a finite number >= 0 and < 1"),
     ("crd", ["--nce_t", "0"], "--nce_t must be a finite number > 0"),
     ("tofd", ["--beta", "-0.1"], "--beta must be a finite number >= 0"),

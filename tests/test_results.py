@@ -1,7 +1,6 @@
 """From runs to results: the pipeline (layout, skipping, resuming), the report's table checked by hand,
 its plots, and the sweep scripts' commands."""
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import run_state
 import train_funcs
 from console_flags import DEFAULT_METHODS
 from registry import REGISTRY, ordered
-from console import ROOT, TINY, run_inprocess
+from console import ROOT, TINY, data_loaded_once, run_inprocess
 
 SEEDS = (3, 4)
 # The pipeline's bookkeeping is under test, not accuracy: a smaller training set and test split.
@@ -38,18 +37,7 @@ def pipeline_args(root, *extra):
 def small_test_split():
     """Evaluate on the first TEST_IMAGES test images only (every epoch of every step evaluates the test
     split), and generate the data once for the module rather than once per pipeline command."""
-    real, loaded = dataload.load_data, {}
-
-    def load_data(*args, **kwargs):
-        key = (args, tuple(sorted(kwargs.items())))
-        if key not in loaded:
-            data = real(*args, **kwargs)
-            test = dataload.Split(data.test.images[:TEST_IMAGES], data.test.labels[:TEST_IMAGES])
-            loaded[key] = dataclasses.replace(data, test=test)
-        return loaded[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dataload, "load_data", load_data)
+    with data_loaded_once(TEST_IMAGES):
         yield
 
 
