@@ -26,6 +26,9 @@ def default_milestones(epochs: int) -> list:
 RUN_FLAGS = (
     flag("--seed", type=int, nargs="+", default=[30, 50, 67], range=SEED_RANGE,
          help="one run per seed (0..2^32-1); several seeds get _s<seed> output suffixes and a mean/std summary"),
+    flag("--concurrent_seeds", type=int, default=1, range=Range(1),
+         help="train this many of the --seed runs at once, each its own process on the same device (output in "
+              "<output>.log); 1: one after the other in this process"),
     flag("--gpu_id", default=None,
          help="cuda:N or cpu (default: cuda:0 if available, else cpu; cuda:<LOCAL_RANK> under torchrun)"),
     flag("--resume", action="store_true", help="continue an interrupted run from its checkpoint"),

@@ -20,8 +20,10 @@ from evaluate_checkpoint import evaluate_saved
 from flags import check_ranges
 from model_summary import summarize
 from registry import REGISTRY
+from run_outputs import console_command
 from run_state import Interrupted
-from seed_runs import check_seed_outputs, default_output, run_seeds, seed_outputs
+from concurrent_seeds import run_concurrently
+from seed_runs import check_seed_outputs, default_output, print_summary, run_seeds, seed_outputs
 from settings import Settings, settings_from_flags
 from train_funcs import NonFiniteLoss
 
@@ -66,12 +68,13 @@ def run(argv=None, data_cache: dict | None = None) -> int:
 
     ``data_cache``: datasets already loaded, by their flags, shared by the runs of one pipeline.
     """
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(args, parser)
     if args.training_type == "pipeline":
         return pipeline.run_pipeline(args, parser, run)
-    cfg = make_settings(args)
+    cfg = replace(make_settings(args), command=console_command(argv))
     dist = from_env()
     distributed.check_devices(dist, args.gpu_id)
     device = resolve_device(args.gpu_id, dist.local_rank)
@@ -88,6 +91,12 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     outputs = seed_outputs(out, seeds) if t else [(seeds[0], out)]
     if t is not None:
         check_seed_outputs(t, cfg, outputs)
+    if args.concurrent_seeds > 1 and len(outputs) > 1:
+        if dist.enabled:
+            raise UserError("--concurrent_seeds starts processes of its own; launch it without torchrun")
+        print_summary(run_concurrently(t, sys.argv[1:] if argv is None else list(argv), outputs,
+                                       args.concurrent_seeds), seeds)
+        return 0
     data = load_data(cfg, data_cache)
     distributed.check_world(dist, data, cfg.data.batch_size, device, cfg.run.sync_bn)
     with distributed.process_group(dist, device, args.dist_timeout):

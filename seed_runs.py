@@ -45,7 +45,12 @@ def run_seeds(entry, cfg: Settings, outputs: list, dist: Dist, device, data: dat
         if len(outputs) > 1:
             ctx.say(f"seed {seed}: test top-1 {results[-1]['test_top1']:.2f}%")
     if len(outputs) > 1 and dist.is_main:
-        accs = [r["test_top1"] for r in results]
-        print(f"test top-1 over {len(accs)} seeds: {statistics.mean(accs):.2f} +- {statistics.stdev(accs):.2f} "
-              f"(mean +- sample std; seeds {' '.join(str(s) for s, _ in outputs)})")
+        print_summary(results, [seed for seed, _ in outputs])
     return results
+
+
+def print_summary(results: list, seeds: list) -> None:
+    """Mean and sample standard deviation of the seeds' test top-1."""
+    accs = [r["test_top1"] for r in results]
+    print(f"test top-1 over {len(accs)} seeds: {statistics.mean(accs):.2f} +- {statistics.stdev(accs):.2f} "
+          f"(mean +- sample std; seeds {' '.join(map(str, seeds))})")

@@ -1,0 +1,62 @@
+"""``--concurrent_seeds N``: the seeds of one command train as N processes at once on the same device.
+
+Small CIFAR networks leave a large GPU mostly idle; independent seeds sharing it overlap their kernels.
+Each seed is the same console command with one ``--seed`` and its own output, so every check, lock and
+file is the single-seed run's. Each process's output goes to ``<output>.log``.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from errors import UserError
+from registry import TrainingType
+from run_outputs import RunPaths
+
+CONSOLE = Path(__file__).resolve().with_name("final_test.py")
+
+
+def child_command(argv: list, seed: int, out: Path) -> list:
+    """The console command of one seed: later flags override earlier ones in argparse."""
+    return [sys.executable, str(CONSOLE), *argv, "--seed", str(seed), "--path_to_save", str(out),
+            "--concurrent_seeds", "1"]
+
+
+def child_env(workers: int) -> dict:
+    """The environment of a seed's process: the CPU threads shared out unless the user set them."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    return env
+
+
+def run_concurrently(t: TrainingType, argv: list, outputs: list, workers: int) -> list:
+    """Run each (seed, output) as its own process, ``workers`` at a time; return their result records.
+
+    A failed seed stops nothing already running; its exit code and log are reported once all have ended.
+    """
+    pending, running, failed = list(outputs), {}, []
+    while pending or running:
+        while pending and len(running) < workers:
+            seed, out = pending.pop(0)
+            log = out.with_suffix(".log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "w") as f:
+                proc = subprocess.Popen(child_command(argv, seed, out), stdout=f, stderr=subprocess.STDOUT,
+                                        env=child_env(workers))
+            running[proc] = (seed, log)
+            print(f"seed {seed}: started (pid {proc.pid}), output in '{log}'", flush=True)
+        time.sleep(0.2)
+        for proc in [p for p in running if p.poll() is not None]:
+            seed, log = running.pop(proc)
+            print(f"seed {seed}: {'done' if proc.returncode == 0 else f'failed with exit code {proc.returncode}'}",
+                  flush=True)
+            if proc.returncode:
+                failed.append((seed, proc.returncode, log))
+    if failed:
+        seed, code, log = failed[0]
+        raise UserError(f"{len(failed)} of {len(outputs)} seeds failed; seed {seed} ended with exit code {code}, "
+                        f"its output is in '{log}'")
+    results = [RunPaths.for_output(t.final_output(out), is_dir=t.output_is_dir).result for _, out in outputs]
+    return [json.loads(path.read_text()) for path in results]
