@@ -93,6 +93,11 @@ def at_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]
 # Sources and defaults: docs/LOGIT_METHODS.md.
 # ---------------------------------------------------------------------------------------------------------
 
+# The logit-standardisation authors' base temperature (``--base-temp`` of their tools/train.py): the default
+# temperature of ``--logit_std``, since standardised logits have unit spread whatever the model's scale.
+LOGIT_STD_TEMPERATURE = 2.0
+
+
 def standardize_logits(z: torch.Tensor) -> torch.Tensor:
     """Per-sample Z-score of logits (Sun et al. 2024): ``(z - mean(z)) / (1e-7 + std(z))`` along the class axis.
 
@@ -103,8 +108,9 @@ def standardize_logits(z: torch.Tensor) -> torch.Tensor:
     return (z - z.mean(dim=-1, keepdim=True)) / (1e-7 + z.std(dim=-1, keepdim=True))
 
 
-def _both_sides(student_logits: torch.Tensor, teacher_logits: torch.Tensor, logit_std: bool):
-    """The two logit tensors in float32, standardised when ``logit_std`` is set."""
+def logit_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor, logit_std: bool):
+    """The two logit tensors in float32, standardised when ``logit_std`` is set: what every distillation
+    term with a temperature softmax compares."""
     if logit_std:
         return standardize_logits(student_logits), standardize_logits(teacher_logits)
     return student_logits.float(), teacher_logits.float()
@@ -119,7 +125,7 @@ def kd_kl_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     """
     if not logit_std:
         return soft_kl(student_logits, teacher_logits, temperature)
-    s, t = _both_sides(student_logits, teacher_logits, True)
+    s, t = logit_pair(student_logits, teacher_logits, True)
     return soft_kl(s, t, temperature)
 
 
@@ -151,7 +157,7 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     ``KL(teacher || student)``, summed over classes and divided by the batch size. ``logit_std``
     standardises both sides first. Needs at least 2 classes for TCKD and 3 for a non-trivial NCKD.
     """
-    s, t = _both_sides(student_logits, teacher_logits, logit_std)
+    s, t = logit_pair(student_logits, teacher_logits, logit_std)
     s, t = s / temperature, t / temperature
     target = F.one_hot(labels, s.shape[1]).bool()
     tckd = F.kl_div(_binary_log_probs(s, target), _binary_log_probs(t, target), reduction="batchmean", log_target=True)
@@ -173,10 +179,16 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     return warmup_factor * (alpha * tckd + beta * nckd)
 
 
-def dkd_warmup_factor(epoch: int, warmup: int) -> float:
+def dkd_warmup_factor(epoch, warmup: int):
     """mdistiller's linear ramp ``min(epoch / warmup, 1)``, with ``epoch`` counted from 1 (a 0-based loop passes
-    ``epoch + 1``): 1/warmup in the first epoch, 1.0 from epoch ``warmup`` on; 1.0 when ``warmup <= 0``."""
-    return 1.0 if warmup <= 0 else min(epoch / warmup, 1.0)
+    ``epoch + 1``): 1/warmup in the first epoch, 1.0 from epoch ``warmup`` on; 1.0 when ``warmup <= 0``.
+
+    ``epoch`` may be a number or a 0-d tensor; a tensor gives a tensor on its device (no host sync).
+    """
+    if warmup <= 0:
+        return 1.0
+    ramp = epoch / warmup
+    return ramp.clamp(max=1.0) if torch.is_tensor(ramp) else min(ramp, 1.0)
 
 
 def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -195,7 +207,7 @@ def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     Pearson(y_s[i, :], y_t[i, :])`` and intra = ``1 - mean over classes of Pearson(y_s[:, j], y_t[:, j])``.
     ``logit_std`` standardises both sides first (an extension: the DIST authors have no such switch).
     """
-    s, t = _both_sides(student_logits, teacher_logits, logit_std)
+    s, t = logit_pair(student_logits, teacher_logits, logit_std)
     y_s, y_t = F.softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1)
     scale = temperature * temperature
     inter = 1.0 - _pearson_rows(y_s, y_t).mean()

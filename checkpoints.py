@@ -1,14 +1,20 @@
-"""Checkpoint files: atomic writes, safe loading, and model files that carry what rebuilds them.
+"""Checkpoint files: atomic writes, digests, safe loading, and model files that carry what rebuilds them.
 
 A model file is a dict ``{"format", "kind": "model", "arch", "num_classes", "dataset", "image_size",
 "epoch", "state_dict", ...}``. Teacher files from other code are accepted when they are plain state
 dicts (optionally with the ``module.`` prefix of DataParallel/DDP, bare or wrapped as ``{"state_dict": ...}``
 or ``{"model": ...}``) whose keys and shapes match. Every file is written atomically and read with
-``weights_only=True``.
+``weights_only=True``. Every dict the toolkit saves records ``tensors_sha256``, the digest of all its tensors'
+bytes, and reading it checks that digest: bytes changed on disk are refused even when the file still parses.
 """
+import copy
+import errno
+import hashlib
+import io
 import os
 import pickle
 import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -19,28 +25,41 @@ from torch import nn
 from errors import UserError
 
 FORMAT = "dih-toolkit/1"
+DIGEST_KEY = "tensors_sha256"
 # The process's file-creation mask (reading it means setting it; done once, before any thread starts).
 UMASK = os.umask(0)
 os.umask(UMASK)
+# Files already reported as carrying no digest: one notice per file and process, however often it is read.
+_UNDIGESTED = set()
 
 
-def atomic_write(path, write) -> None:
-    """Create ``path`` through ``write(binary_file)`` so that a kill at any instant leaves the old file or the new one.
+def write_error(path: Path, error: OSError, size: int) -> UserError:
+    """The sentence for a write that failed; the file that was there before is intact."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"no space left in '{path.absolute().parent}' to write '{path.name}' ({size:,} bytes "
+                         f"needed); the previous file is kept: free space and run the command again (with "
+                         f"--resume to continue the run)")
+    return UserError(f"cannot write '{path}': {error.strerror or error}; the previous file is kept")
 
-    The bytes go to a temporary file in the same folder (a rename is only atomic within one file system),
-    are flushed and fsynced, and only then replace ``path``; a failure removes the temporary file.
+
+def atomic_write(path, data) -> None:
+    """Write the bytes ``data`` to ``path`` so that a kill at any instant leaves the old file or the new one.
+
+    The bytes go to a temporary file ``.<name>.<random>.tmp`` in the same folder (a rename is only atomic
+    within one file system), are flushed and fsynced, and only then replace ``path``; any failure removes the
+    temporary file, and a full disk or another OS error becomes one sentence naming the folder and the size.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise UserError(f"cannot write '{path}': {e.strerror or e}") from None
+        raise write_error(path, e, len(data)) from None
     try:
         # mkstemp creates the file private (0600); give it the permissions any new file of the user gets.
         os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -48,13 +67,67 @@ def atomic_write(path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError):  # disk full, permissions changed mid-run: the old file is intact
-            raise UserError(f"cannot write '{path}': {e.strerror or e}; the previous file is kept") from None
+            raise write_error(path, e, len(data)) from None
         raise
 
 
+def on_cpu(obj):
+    """``obj`` with every tensor in its dicts, lists and tuples detached on the CPU (what a file holds)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # the same mapping type: a scheduler's Counter, a state dict's OrderedDict
+        for key, value in obj.items():
+            out[key] = on_cpu(value)
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor's elements, in order."""
+    return tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def digest_tensors(named, algorithm: str = "sha1") -> str:
+    """Hex digest of ``(name, tensor)`` pairs: each name, then the tensor's bytes, in order."""
+    digest = hashlib.new(algorithm)
+    for key, value in named:
+        digest.update(str(key).encode())
+        digest.update(tensor_bytes(value))
+    return digest.hexdigest()
+
+
+def named_tensors(obj, prefix: str = ""):
+    """Every tensor in nested dicts, lists and tuples, named by its path, dtype and shape, in order."""
+    if torch.is_tensor(obj):
+        yield f"{prefix} {obj.dtype} {tuple(obj.shape)}", obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from named_tensors(value, f"{prefix}/{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from named_tensors(value, f"{prefix}/{i}")
+
+
+def file_digest(obj: dict) -> str:
+    """SHA-256 of every tensor of a checkpoint dict, its own digest entry left out."""
+    return digest_tensors(named_tensors({k: v for k, v in obj.items() if k != DIGEST_KEY}), "sha256")
+
+
 def atomic_save(obj, path) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically (see ``atomic_write``)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` ``obj`` to ``path`` atomically (see ``atomic_write``); a dict records its digest.
+
+    The file is serialised in memory first, so its size is known and a full disk is an ``OSError`` of the
+    write itself (torch would wrap it in a ``RuntimeError``).
+    """
+    if isinstance(obj, dict):
+        obj = on_cpu(obj)
+        obj[DIGEST_KEY] = file_digest(obj)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getbuffer())
 
 
 def refusal_reason(error: Exception) -> str:
@@ -74,9 +147,9 @@ def safe_load(path, what: str) -> dict:
     torch's warnings (e.g. about an unusual pickle protocol) are silenced to keep errors to one line.
     """
     path = Path(path)
-    if path.is_dir():
+    if os.path.isdir(path):
         raise UserError(f"{what} '{path}' is a folder, not a file")
-    if not path.is_file():
+    if not os.path.isfile(path):  # also a name too long to look up
         raise UserError(f"{what} '{path}' does not exist")
     try:
         with warnings.catch_warnings():
@@ -90,7 +163,28 @@ def safe_load(path, what: str) -> dict:
                         f"({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{what} '{path}' is not a checkpoint dictionary")
+    check_digest(obj, path, what)
     return obj
+
+
+def check_digest(obj: dict, path: Path, what: str) -> None:
+    """Refuse a file whose tensors differ from the digest recorded when it was written; a toolkit file
+    written before digests were recorded is read with a one-line notice."""
+    if DIGEST_KEY in obj:
+        if obj[DIGEST_KEY] != file_digest(obj):
+            raise UserError(f"{what} '{path}' is corrupted: its tensors do not match the digest recorded when it was "
+                            f"written (its bytes changed on disk); restore it from a copy or produce it again")
+    elif obj.get("format") == FORMAT and path.resolve() not in _UNDIGESTED:
+        _UNDIGESTED.add(path.resolve())
+        print(f"notice: {what} '{path}' records no digest (written before digests were), so corruption on disk "
+              f"cannot be detected in it", file=sys.stderr)
+
+
+def check_finite(state: dict, what: str, path) -> None:
+    """Refuse trained weights holding NaN or infinite values, naming the first such tensor."""
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"{what} '{path}' holds non-finite weights: tensor '{key}' has NaN or infinite values")
 
 
 def model_record(model: nn.Module, arch: str, num_classes: int, dataset: str, image_size: int, **extra) -> dict:
@@ -122,19 +216,18 @@ def check_state_dict(model: nn.Module, state: dict, what: str, path) -> None:
         raise UserError(f"{what} '{path}' does not fit the model: unexpected key '{extra[0]}'")
 
 
-def load_model_file(path, model: nn.Module, arch: str, num_classes: int, what: str = "checkpoint",
-                    dataset: str | None = None) -> dict:
-    """Load weights from ``path`` into ``model`` after checking architecture, classes and every key.
-
-    Returns the file's metadata (an empty-ish dict for plain state dicts from other code).
-    """
+def read_model_file(path, arch: str | None, num_classes: int | None, what: str = "checkpoint",
+                    dataset: str | None = None) -> tuple[dict, dict]:
+    """The state dict and metadata of model file ``path``, refused when its record names another architecture,
+    class count or dataset, or when a weight is not finite (``None``: not checked; plain state dicts from
+    other code record nothing, so only their weights are checked here)."""
     obj = safe_load(path, what)
     if obj.get("format") == FORMAT:
         if obj.get("kind") != "model":
             raise UserError(f"{what} '{path}' is a {obj.get('kind')} file, not a model checkpoint")
-        if obj.get("arch") != arch:
+        if arch is not None and obj.get("arch") != arch:
             raise UserError(f"{what} '{path}' holds a {obj.get('arch')}, not the requested {arch}")
-        if obj.get("num_classes") != num_classes:
+        if num_classes is not None and obj.get("num_classes") != num_classes:
             raise UserError(f"{what} '{path}' was trained for {obj.get('num_classes')} classes, "
                             f"but the dataset has {num_classes}")
         if dataset is not None and obj.get("dataset") not in (None, dataset):
@@ -147,6 +240,18 @@ def load_model_file(path, model: nn.Module, arch: str, num_classes: int, what: s
     if not isinstance(state, dict):
         raise UserError(f"{what} '{path}' holds no state dict")
     state = strip_module_prefix(state)
+    check_finite(state, what, path)
+    return state, meta
+
+
+def load_model_file(path, model: nn.Module, arch: str, num_classes: int, what: str = "checkpoint",
+                    dataset: str | None = None) -> dict:
+    """Load weights from ``path`` into ``model`` after checking architecture, classes, every key and that
+    every weight is finite (``read_model_file``).
+
+    Returns the file's metadata (an empty-ish dict for plain state dicts from other code).
+    """
+    state, meta = read_model_file(path, arch, num_classes, what, dataset)
     check_state_dict(model, state, what, path)
     model.load_state_dict(state)
     return meta

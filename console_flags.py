@@ -5,6 +5,7 @@ all of them before anything is loaded.
 """
 import dataload
 from flags import HelpFormatter, Parser, Range, add_flags, flag, parse_bool
+from KD_Loss import LOGIT_STD_TEMPERATURE
 from models_repo import MODELS
 from registry import REGISTRY, ordered
 
@@ -76,10 +77,15 @@ DISTILL_FLAGS = (
     flag("--saved_intermediates_directory", default=None, help="heads written by fine_tune (default: none)"),
     flag("--kd_temperature", "--temperature", dest="kd_temperature", type=float, default=None,
          range=Range(0, lo_open=True),
-         help="KD temperature T (default: 5; a training type may set its own, stated in its group)"),
+         help=f"KD temperature T (default: 5; a training type may set its own, stated in its group; "
+              f"{LOGIT_STD_TEMPERATURE:g} with --logit_std)"),
     flag("--kd_alpha", "--alpha", dest="kd_alpha", type=float, default=None, range=Range(0, 1),
          help="weight alpha of the distillation term, 1 - alpha weights CE (default: 0.1; a training type may "
               "set its own, stated in its group)"),
+    flag("--logit_std", action="store_true",
+         help="logit standardisation (Sun et al. 2024): z-score each sample's student and teacher logits before "
+              "every temperature softmax of a distillation term (never CE) of kd, dih, takd, dkd, dist, tofd and "
+              f"mhkd; --kd_temperature is then {LOGIT_STD_TEMPERATURE:g} unless given (docs/LOGIT_METHODS.md)"),
 )
 OUTPUT_FLAGS = (
     flag("--path_to_save", default=None,
@@ -116,13 +122,16 @@ GROUPS = (
 
 def resolve_defaults(args) -> None:
     """Fill in the defaults that depend on other flags, in place: the schedule follows ``--epochs``; shared
-    flags left unset take the training type's own default (registry ``flag_defaults``), else the toolkit's;
+    flags left unset take, in this order, logit standardisation's temperature (``--logit_std``, for a type
+    whose result depends on it), the training type's own default (registry ``flag_defaults``), the toolkit's;
     the cache folder is the user's cache unless ``--no_cache``."""
     if args.schedule is None:
         args.schedule = default_milestones(args.epochs)
     args.cache_dir = None if args.no_cache else (args.cache_dir or dataload.default_cache_dir())
     t = REGISTRY.get(args.training_type)
     own = t.flag_defaults if t else {}
+    if t is not None and args.logit_std and "logit_std" in t.depends_on and args.kd_temperature is None:
+        args.kd_temperature = LOGIT_STD_TEMPERATURE
     for dest in {*SHARED_DEFAULTS, *own}:
         if getattr(args, dest, None) is None:
             setattr(args, dest, own.get(dest, SHARED_DEFAULTS.get(dest)))

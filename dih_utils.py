@@ -1,15 +1,16 @@
 """DIH's intermediate heads: building them on a teacher, saving/loading them, and the cohort forward."""
-import hashlib
+import fnmatch
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from checkpoints import FORMAT, atomic_save, check_state_dict, safe_load
+from checkpoints import FORMAT, atomic_save, check_finite, check_state_dict, digest_tensors, safe_load
 from errors import UserError
 
-HEAD_FILE = re.compile(r"^head_(\d+)\.pth$")
+# The exact name of head i (1, 2, ... without leading zeros); anything else named like a head is a stray.
+HEAD_FILE = re.compile(r"^head_([1-9][0-9]*)\.pth$")
 
 
 class IntermediateHead(nn.Module):
@@ -83,15 +84,6 @@ def fingerprint(model: nn.Module) -> str:
     return digest_tensors(model.state_dict().items())
 
 
-def digest_tensors(named) -> str:
-    """SHA-1 of ``(name, tensor)`` pairs: names, then every tensor's bytes, in order."""
-    digest = hashlib.sha1()
-    for key, value in named:
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def heads_meta(teacher_arch: str, num_classes: int, image_size: int, dataset: str, shapes,
                teacher_fingerprint: str) -> dict:
     """What a head file records about the teacher it belongs to."""
@@ -111,64 +103,109 @@ def save_heads(heads: nn.ModuleList, directory, meta: dict, **extra) -> list[Pat
                   "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}}
         atomic_save(record, path)
         paths.append(path)
-    # Heads beyond k left by an earlier run (another teacher) would make the folder fail to load.
+    # Heads beyond k left by an earlier run (another teacher), or strays, would make the folder fail to load.
     for p in directory.iterdir():
-        m = HEAD_FILE.match(p.name)
-        if m and int(m.group(1)) > len(heads):
+        if looks_like_head(p.name) and p not in paths:
             p.unlink()
     return paths
+
+
+def looks_like_head(name: str) -> bool:
+    """Whether a file name looks like a head file (``head_*.pth``), exactly named or not."""
+    return fnmatch.fnmatchcase(name, "head_*.pth")
+
+
+def list_heads(directory) -> dict[int, Path]:
+    """The head files of a heads folder by number, refusing a missing or empty folder and any file that looks
+    like a head (``head_*.pth``, e.g. ``head_02.pth``) but is not exactly named ``head_<i>.pth``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"heads directory '{directory}' does not exist")
+    found = {}
+    for p in sorted(directory.iterdir()):
+        if looks_like_head(p.name):
+            m = HEAD_FILE.match(p.name)
+            if m is None:
+                raise UserError(f"heads directory '{directory}' holds '{p.name}', which looks like a head file but is "
+                                f"not named head_<i>.pth (i = 1, 2, ... without leading zeros); remove or rename it")
+            found[int(m.group(1))] = p
+    if not found:
+        raise UserError(f"heads directory '{directory}' holds no head_<i>.pth files; "
+                        f"run --training_type fine_tune first")
+    return found
+
+
+def read_head(path: Path, i: int, expect: dict) -> dict:
+    """Head file ``path``, checked: a head of this toolkit, number ``i``, finite weights, and recorded for a
+    teacher with the ``expect``ed values (a value of None is not checked)."""
+    rec = safe_load(path, "head file")
+    if rec.get("format") != FORMAT or rec.get("kind") != "head" or not isinstance(rec.get("state_dict"), dict):
+        raise UserError(f"head file '{path}' is not a head checkpoint of this toolkit")
+    if rec.get("index") != i:
+        raise UserError(f"head file '{path}' holds head {rec.get('index')}, not head {i}; was it renamed?")
+    for key, value in expect.items():
+        if value is not None and rec.get(key) != value:
+            raise UserError(f"head file '{path}' belongs to a teacher with {key}={rec.get(key)}, "
+                            f"but this teacher has {key}={value}")
+    check_finite(rec["state_dict"], "head file", path)
+    return rec
+
+
+def saved_by(rec: dict) -> tuple:
+    """Which run and epoch wrote a head file: (seed, epoch, how the epoch was selected)."""
+    return rec.get("seed"), rec.get("epoch"), rec.get("selected_on")
+
+
+def head_records(directory: Path, found: dict, k: int, arch: str, expect: dict) -> list[dict]:
+    """The checked records (``read_head``) of head_1..head_k of a ``arch`` teacher, refusing a missing or
+    extra head and heads saved by different runs or epochs (a folder whose writing was interrupted)."""
+    missing = [i for i in range(1, k + 1) if i not in found]
+    if missing:
+        raise UserError(f"heads directory '{directory}' lacks head_{missing[0]}.pth; a {arch} teacher has {k} heads")
+    extra = sorted(i for i in found if i > k)
+    if extra:
+        raise UserError(f"heads directory '{directory}' has an extra head_{extra[0]}.pth; "
+                        f"a {arch} teacher has {k} heads")
+    records = []
+    for i in range(1, k + 1):
+        rec = read_head(found[i], i, expect)
+        if records and saved_by(rec) != saved_by(records[0]):
+            raise UserError(f"head file '{found[i]}' was saved by another run or epoch (seed, epoch, selection "
+                            f"{saved_by(rec)}) than head_1.pth ({saved_by(records[0])}); fine-tune the heads again")
+        records.append(rec)
+    return records
+
+
+def check_heads_folder(directory, teacher_arch: str | None, num_classes: int | None, dataset: str) -> None:
+    """Refuse a heads folder from its files alone, before any data is read: strays, a missing or extra head,
+    heads of another teacher architecture, class count or dataset, of different runs, or with corrupted or
+    non-finite weights (``None``: not checked). The head count is the one the files record."""
+    directory = Path(directory)
+    found = list_heads(directory)
+    first = safe_load(found[min(found)], "head file")
+    k = first.get("num_heads") if isinstance(first.get("num_heads"), int) else len(found)
+    expect = {"teacher_arch": teacher_arch, "num_classes": num_classes, "dataset": dataset}
+    head_records(directory, found, k, teacher_arch or first.get("teacher_arch"), expect)
 
 
 def load_heads(directory, teacher: nn.Module, meta: dict, heads: nn.ModuleList | None = None) -> nn.ModuleList:
     """Load the heads in ``directory`` and check them against the teacher described by ``meta``.
 
-    The files are matched by their number (``head_2`` before ``head_10``); a missing, extra or
-    mismatched head is a UserError naming it, and so are heads saved by different runs or epochs (a
-    folder whose writing was interrupted). ``heads`` are the modules to load into (other methods'
-    heads, e.g. TOFD's auxiliary classifiers); by default DIH heads built on ``teacher``.
+    The files are matched by their number (``head_2`` before ``head_10``); a stray, missing, extra or
+    mismatched head is a UserError naming it, and so are heads saved by different runs or epochs or
+    fine-tuned on another checkpoint. ``heads`` are the modules to load into (other methods' heads, e.g.
+    TOFD's auxiliary classifiers); by default DIH heads built on ``teacher``.
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"heads directory '{directory}' does not exist")
-    found = {}
-    for p in directory.iterdir():
-        m = HEAD_FILE.match(p.name)
-        if m:
-            found[int(m.group(1))] = p
+    found = list_heads(directory)
     if heads is None:
         heads = build_heads(teacher, meta["num_classes"], meta["image_size"])
-    k = len(heads)
-    if not found:
-        raise UserError(f"heads directory '{directory}' holds no head_<i>.pth files; "
-                        f"run --training_type fine_tune first")
-    missing = [i for i in range(1, k + 1) if i not in found]
-    if missing:
-        raise UserError(f"heads directory '{directory}' lacks head_{missing[0]}.pth; "
-                        f"a {meta['teacher_arch']} teacher has {k} heads")
-    extra = sorted(i for i in found if not 1 <= i <= k)
-    if extra:
-        raise UserError(f"heads directory '{directory}' has an extra head_{extra[0]}.pth; "
-                        f"a {meta['teacher_arch']} teacher has {k} heads")
-    origin = None
-    for i, head in enumerate(heads, start=1):
-        path = found[i]
-        rec = safe_load(path, "head file")
-        if rec.get("format") != FORMAT or rec.get("kind") != "head" or not isinstance(rec.get("state_dict"), dict):
-            raise UserError(f"head file '{path}' is not a head checkpoint of this toolkit")
-        if rec.get("index") != i:
-            raise UserError(f"head file '{path}' holds head {rec.get('index')}, not head {i}; was it renamed?")
-        saved_by = (rec.get("seed"), rec.get("epoch"), rec.get("selected_on"))
-        if origin is not None and saved_by != origin:
-            raise UserError(f"head file '{path}' was saved by another run or epoch (seed, epoch, selection "
-                            f"{saved_by}) than head_1.pth ({origin}); fine-tune the heads again")
-        origin = saved_by
-        for key in ("teacher_arch", "num_classes", "image_size", "num_heads"):
-            if rec.get(key) != meta[key]:
-                raise UserError(f"head file '{path}' belongs to a teacher with {key}={rec.get(key)}, "
-                                f"but this teacher has {key}={meta[key]}")
+    expect = {key: meta[key] for key in ("teacher_arch", "num_classes", "image_size", "num_heads")}
+    records = head_records(directory, found, len(heads), meta["teacher_arch"], expect)
+    for i, (head, rec) in enumerate(zip(heads, records), start=1):
         if rec.get("teacher_fingerprint") != meta["teacher_fingerprint"]:
-            raise UserError(f"head file '{path}' was fine-tuned on a different {meta['teacher_arch']} "
+            raise UserError(f"head file '{found[i]}' was fine-tuned on a different {meta['teacher_arch']} "
                             f"checkpoint than --saved_path; fine-tune heads for this teacher")
-        check_state_dict(head, rec["state_dict"], "head file", path)
+        check_state_dict(head, rec["state_dict"], "head file", found[i])
         head.load_state_dict(rec["state_dict"])
     return heads

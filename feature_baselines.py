@@ -19,8 +19,8 @@ from train_fine_tune import HeadTuning
 from train_funcs import run_phase
 
 BETA_FLAG = flag("--beta", type=float, default=None, range=Range(0),
-                 help="weight of the method's own extra term; its meaning and default are in the method's "
-                      "group (default: the method's)")
+                 help="weight of the method's own extra term, described in the method's group (default: the "
+                      "method's own, stated there)")
 
 
 def heads_outputs(out: Path, flags, saved_flag: str) -> list:

@@ -20,10 +20,10 @@ from evaluate_checkpoint import evaluate_saved
 from flags import check_ranges
 from model_summary import summarize
 from registry import REGISTRY
-from run_outputs import console_command
+from run_outputs import check_output_text, console_command
 from run_state import Interrupted
 from concurrent_seeds import run_concurrently
-from seed_runs import check_seed_outputs, default_output, print_summary, run_seeds, seed_outputs
+from seed_runs import check_before_data, default_output, print_summary, run_seeds, seed_outputs
 from settings import Settings, settings_from_flags
 from train_funcs import NonFiniteLoss
 
@@ -33,6 +33,7 @@ def validate(args, parser) -> None:
     problem = check_ranges(parser, args)
     if problem:
         raise UserError(problem)
+    check_output_text(args.path_to_save)
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other: --resume continues the interrupted run, "
                         "--overwrite starts over")
@@ -89,8 +90,7 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     out = Path(args.path_to_save) if args.path_to_save else (
         default_output(t, cfg.models.teacher, cfg.models.student) if t else Path("."))
     outputs = seed_outputs(out, seeds) if t else [(seeds[0], out)]
-    if t is not None:
-        check_seed_outputs(t, cfg, outputs)
+    claim = check_before_data(t, cfg, outputs, dist)
     if args.concurrent_seeds > 1 and len(outputs) > 1:
         if dist.enabled:
             raise UserError("--concurrent_seeds starts processes of its own; launch it without torchrun")
@@ -99,7 +99,8 @@ def run(argv=None, data_cache: dict | None = None) -> int:
         return 0
     data = load_data(cfg, data_cache)
     distributed.check_world(dist, data, cfg.data.batch_size, device, cfg.run.sync_bn)
-    with distributed.process_group(dist, device, args.dist_timeout):
+    # Claimed before the process group forms: rank 0 refused there exits, and torchrun stops the other ranks.
+    with claim, distributed.process_group(dist, device, args.dist_timeout):
         # Ranks must agree: the two data paths draw differently from the shared data generator.
         choice = resolve_data_path(cfg.data.data_path, data, device)
         cfg = replace(cfg, data=replace(cfg.data, data_path="device" if dist.all_true(choice == "device") else "loader"))

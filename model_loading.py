@@ -1,12 +1,24 @@
-"""Registry models for a run: fresh ones, skeletons for sizes, and trained ones loaded and checked."""
+"""Registry models for a run: fresh ones, skeletons for sizes, and trained ones checked and loaded.
+
+A run's trained inputs are ``--saved_path`` and ``--saved_intermediates_directory`` when its training type
+``needs`` them, and the type's own ``--saved_*`` flags (a name ending in ``_directory``: a folder of heads).
+``check_inputs`` reads their records before any data is: what a file says of itself (architecture, classes,
+dataset, image size, digest, finite weights) is refused there, before anything is loaded or written.
+"""
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from checkpoints import load_model_file
-from dih_utils import freeze
+import dataload
+from checkpoints import load_model_file, read_model_file
+from dih_utils import check_heads_folder, freeze
 from errors import UserError
 from models_repo import build_model
+from registry import TrainingType
 from run_context import RunContext
+from settings import Settings
 
 
 def model_meta(ctx: RunContext, arch: str, **extra) -> dict:
@@ -45,3 +57,37 @@ def load_teacher(ctx: RunContext) -> nn.Module:
     """The frozen teacher named by ``--teacher`` and ``--saved_path``."""
     teacher, _ = load_trained(ctx, ctx.cfg.models.teacher, ctx.cfg.models.saved_path, "teacher checkpoint")
     return freeze(teacher)
+
+
+def trained_inputs(t: TrainingType | None, cfg: Settings) -> list[tuple[str, Path, bool]]:
+    """The given trained inputs the run reads: (flag name, path, whether it is a folder of heads); ``t``
+    None is the test mode, which reads both ``--saved_path`` and the heads folder."""
+    needs = t.needs if t is not None else {"teacher", "heads"}
+    given = {"saved_path": cfg.models.saved_path if "teacher" in needs else None,
+             "saved_intermediates_directory": cfg.models.heads_dir if "heads" in needs else None}
+    if t is not None:
+        given.update((f.dest, cfg.flags.get(f.dest)) for f in t.flags if f.dest.startswith("saved_"))
+    return [(name, Path(value), name.endswith("_directory")) for name, value in given.items() if value]
+
+
+def check_inputs(t: TrainingType | None, cfg: Settings) -> None:
+    """Refuse trained inputs from their files alone, before any data is read: a teacher of another
+    architecture, any model file or heads folder of another class count (built-in datasets), dataset or
+    image size, a corrupted file (digest), non-finite weights, a heads folder with strays or a missing or
+    extra head. A missing input is left to the training type, whose own checks of the flags come first."""
+    known = dataload.known_info(cfg.data.dataset)
+    classes = known.num_classes if known else None
+    teacher = cfg.models.teacher if t is not None else None  # the test mode reads the architecture from the file
+    for name, path, is_folder in trained_inputs(t, cfg):
+        if not os.path.exists(path):  # also a name too long to look up: the training type reports it
+            continue
+        if is_folder:
+            if not path.is_dir():
+                raise UserError(f"--{name} '{path}' is a file, not a folder of heads")
+            check_heads_folder(path, teacher, classes, cfg.data.dataset)
+            continue
+        what = f"--{name} checkpoint" if name != "saved_path" else "teacher checkpoint" if t else "checkpoint"
+        _, meta = read_model_file(path, teacher if name == "saved_path" else None, classes, what, cfg.data.dataset)
+        if known and meta.get("image_size") not in (None, known.image_size):
+            raise UserError(f"{what} '{path}' was trained on {meta['image_size']}px images, "
+                            f"but {known.name} has {known.image_size}px")

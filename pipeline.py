@@ -11,6 +11,8 @@ The pipeline's folder (``--path_to_save``, default ``runs/<dataset>_<teacher>_<s
                                      the teacher heads TOFD/MHKD tune in ``<stem>_<method>_teacher_aux/``)
     pipeline.json                    the plan: every step's command and status
     report.md, report.csv            the table of everything finished (``report.py``)
+    report_curves_<pair>.png,        its plots: test accuracy per epoch, and by depth (``report.py --plots``)
+    report_depth_<pair>.png
 
 Every step is one console run (``final_test.run``, in this process): the pipeline sets the step's
 ``--training_type``, ``--path_to_save``, ``--saved_path``, ``--saved_intermediates_directory``, ``--seed``
@@ -20,7 +22,6 @@ that left outputs behind (a checkpoint, a finished first phase) runs with ``--re
 pipeline continues where it stopped when the same command is run again. ``--overwrite`` reruns every step.
 """
 import json
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import report
 from console_flags import default_milestones, resolve_defaults
 from errors import UserError
 from registry import REGISTRY
-from run_outputs import RunPaths, output_exists, write_json
+from run_outputs import RunPaths, console_command, output_exists, write_json
 
 # Flags the pipeline sets per step, or that only the pipeline reads; all others are passed through.
 OWNED = frozenset({"help", "training_type", "path_to_save", "saved_path", "saved_intermediates_directory", "seed",
@@ -161,7 +162,7 @@ def run_pipeline(args, parser, run_step) -> int:
     root.mkdir(parents=True, exist_ok=True)
     manifest = {"kind": report.MANIFEST_KIND, "dataset": args.dataset, "teacher": args.teacher,
                 "student": args.student, "methods": args.methods, "seeds": args.seed,
-                "steps": [{"name": s.name, "command": "python3 final_test.py " + shlex.join(s.argv),
+                "steps": [{"name": s.name, "command": console_command(s.argv),
                            "result": str(s.final.result), "status": "pending"} for s in steps]}
     data_cache = {}  # every step reads the same data: load it once
     for i, (s, entry) in enumerate(zip(steps, manifest["steps"]), start=1):
@@ -170,13 +171,13 @@ def run_pipeline(args, parser, run_step) -> int:
             entry["status"] = "complete (skipped)"
             continue
         argv = list(s.argv) + (["--overwrite"] if args.overwrite else ["--resume"] if s.started() else [])
-        entry.update(status="started", command="python3 final_test.py " + shlex.join(argv))
+        entry.update(status="started", command=console_command(argv))
         write_json(root / MANIFEST, manifest)
-        print(f"== [{i}/{len(steps)}] {s.name}: python3 final_test.py {shlex.join(argv)}", flush=True)
+        print(f"== [{i}/{len(steps)}] {s.name}: {entry['command']}", flush=True)
         code = run_step(argv, data_cache)
         if code:
             return code
         entry["status"] = "complete"
     write_json(root / MANIFEST, manifest)
-    print(report.write_report([root], root / "report", plots=False))
+    print(report.write_report([root], root / "report", plots=True))
     return 0

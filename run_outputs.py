@@ -1,7 +1,13 @@
-"""The files a phase writes, and the claim a run makes on them before anything trains."""
+"""The files a phase writes, and the claim a run makes on them before anything trains.
+
+Before any data is read, a run's outputs (every phase of every seed) are refused when two of them are one
+path, when one is an input or lies in an input folder, or when a name is too long for the file system
+(``check_output_names``); then, holding an exclusive lock on each (``output_lock``), when they exist.
+"""
 import json
 import os
 import platform
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,9 +15,14 @@ import numpy as np
 import torch
 
 from checkpoints import atomic_write
-from dih_utils import HEAD_FILE
+from dih_utils import looks_like_head
 from errors import UserError
+from output_lock import OutputLock, remove_stray_temps
 from run_context import RunContext
+
+# What the toolkit adds to an output's name in its folder: ``.<name>.<8 random characters>.tmp`` while a file
+# is written (a lock file, ``.<name>.lock``, needs less).
+NAME_ROOM = 14
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,13 @@ class RunPaths:
         """True for a directory output (heads), whose state and result live inside it."""
         return self.state.parent == self.final
 
+    def written(self) -> list[tuple[Path, str]]:
+        """Every path the phase writes, with its role (a heads folder's own files lie inside it)."""
+        if self.is_dir:
+            return [(self.final, "heads folder")]
+        return [(self.final, "model"), (self.best, "best-validation model"), (self.state, "checkpoint"),
+                (self.result, "result file")]
+
     def finished(self) -> bool:
         """True when the result file records a completed run."""
         if not self.result.is_file():
@@ -52,17 +70,30 @@ def library_versions() -> dict:
             "cuda": torch.version.cuda, "platform": platform.platform()}
 
 
+def console_command(argv) -> str:
+    """The shell line that runs the console with ``argv`` from the current directory (result files and the
+    pipeline's plan record it; ``eval`` it there to rerun)."""
+    script = os.path.relpath(Path(__file__).with_name("final_test.py"), Path.cwd())
+    return shlex.join(["python3", script, *map(str, argv)])
+
+
 def write_json(path: Path, obj: dict) -> None:
     """Write a JSON file atomically."""
     text = json.dumps(obj, indent=2, default=str).encode()
-    atomic_write(path, lambda f: f.write(text))
+    atomic_write(path, text)
+
+
+def nearest_folder(path: Path) -> Path:
+    """The nearest existing ancestor of ``path`` (made absolute, ``..`` resolved)."""
+    folder = Path(os.path.abspath(path)).parent
+    while not os.path.exists(folder):  # False, not an error, for a name too long to look up
+        folder = folder.parent
+    return folder
 
 
 def check_writable(path: Path) -> None:
     """Refuse an output location whose nearest existing folder cannot be written, without writing."""
-    folder = Path(path).absolute().parent
-    while not folder.exists():
-        folder = folder.parent
+    folder = nearest_folder(path)
     if not folder.is_dir():
         raise UserError(f"cannot write '{path}': '{folder}' is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -72,7 +103,7 @@ def check_writable(path: Path) -> None:
 def output_exists(path: Path, is_dir: bool) -> bool:
     """Whether a model file, or a folder holding head files, is at ``path``."""
     if is_dir:
-        return path.is_dir() and any(HEAD_FILE.match(p.name) for p in path.iterdir())
+        return path.is_dir() and any(looks_like_head(p.name) for p in path.iterdir())
     return path.exists()
 
 
@@ -115,7 +146,7 @@ def remove_output(path: Path, is_dir: bool) -> None:
     if is_dir:
         if path.is_dir():
             for p in path.iterdir():
-                if HEAD_FILE.match(p.name):
+                if looks_like_head(p.name):
                     p.unlink()
     else:
         path.unlink(missing_ok=True)
@@ -139,3 +170,95 @@ def claim_outputs(ctx: RunContext, runs: list[RunPaths]) -> list[bool]:
             remove_output(paths.best, paths.is_dir)
     ctx.dist.barrier()  # no rank may still see the removed checkpoint when the trainer looks for one to resume
     return done
+
+
+def check_output_text(text: str | None) -> None:
+    """Refuse a ``--path_to_save`` that names no file or folder of its own ('', '.', '/', '..')."""
+    if text is not None and (not text.strip() or Path(text).name in ("", "..")):
+        raise UserError(f"--path_to_save {text!r} names no file or folder of its own; give a name, e.g. runs/x.pth")
+
+
+def check_name_length(path: Path) -> None:
+    """Refuse an output whose name, with the room the toolkit adds (``NAME_ROOM``), or a folder still to be
+    created for it, is longer than the file system allows."""
+    folder = nearest_folder(path)
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):  # the file system does not say: the common limit
+        limit = 255
+    parts = Path(os.path.abspath(path)).relative_to(folder).parts
+    for i, part in enumerate(parts):
+        need = len(part.encode()) + (NAME_ROOM if i == len(parts) - 1 else 0)
+        if need > limit:
+            raise UserError(f"the name '{part}' is too long for the file system of '{folder}': it allows {limit} bytes "
+                            f"and this name needs {need} with the toolkit's suffixes; choose a shorter --path_to_save")
+
+
+def overlap(a: tuple, b: tuple) -> str | None:
+    """How two ``(resolved path, is a folder)`` entries collide: one path, or a folder holding the other."""
+    (path_a, dir_a), (path_b, dir_b) = a, b
+    if path_a == path_b:
+        return "is the same path as"
+    if dir_a and path_a in path_b.parents:
+        return "is a folder holding"
+    if dir_b and path_b in path_a.parents:
+        return "lies inside"
+    return None
+
+
+def check_output_names(runs: list[RunPaths], inputs: list) -> None:
+    """Refuse, before any work, outputs of ``runs`` that are one path, that are or hold or lie in an input
+    (``inputs``: (flag name, path, is a folder)), compared as resolved paths (links and ``..`` followed), and
+    output names too long for the file system."""
+    outputs = [(f"the {role} '{p}'", Path(os.path.realpath(p)), paths.is_dir) for paths in runs
+               for p, role in paths.written()]
+    given = [(f"the input --{flag} '{p}'", Path(os.path.realpath(p)), is_dir) for flag, p, is_dir in inputs]
+    for i, (what, path, is_dir) in enumerate(outputs):
+        check_name_length(path)
+        for other, other_path, other_is_dir in outputs[i + 1:] + given:
+            relation = overlap((path, is_dir), (other_path, other_is_dir))
+            if relation:
+                raise UserError(f"{what} {relation} {other}; choose another --path_to_save")
+
+
+class RunClaim:
+    """One command's claim on every output of its phases and seeds, held by rank 0 under torchrun.
+
+    ``check()`` refuses, without writing anything, outputs another live run claims or that exist (``check_claim``).
+    Entering locks them all (``output_lock``), checks them again while holding the locks, so no other run
+    can write between that check and this run's writes, and removes the temporary files of killed writes;
+    leaving lets go of the locks.
+    """
+
+    def __init__(self, runs: list[RunPaths], training_type: str, resume: bool, overwrite: bool, active: bool):
+        self.runs, self.training_type, self.resume, self.overwrite = runs, training_type, resume, overwrite
+        self.active = active
+        self.lock = OutputLock(p for paths in runs for p, _ in paths.written())
+
+    def check(self) -> None:
+        """Refuse outputs a live run claims (rank 0 only) or that this run may not write."""
+        if self.active:
+            self.lock.check_free()
+        self.check_outputs()
+
+    def check_outputs(self) -> None:
+        """``check_claim`` for every phase."""
+        for paths in self.runs:
+            check_claim(paths, self.training_type, self.resume, self.overwrite)
+
+    def __enter__(self) -> "RunClaim":
+        if self.active:
+            self.lock.acquire()
+            try:
+                self.check_outputs()
+                for paths in self.runs:
+                    for path, _ in paths.written():
+                        for stray in remove_stray_temps(path, paths.is_dir):
+                            print(f"removed '{stray}', left by a write that was interrupted", flush=True)
+            except BaseException:
+                self.lock.release()
+                raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()

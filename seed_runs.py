@@ -1,12 +1,15 @@
-"""One command over several seeds: each seed's output path, the claim on all of them, the runs, the summary."""
+"""One command over several seeds: each seed's output path, the checks and the claim on all of them before
+any data is read, the runs, the summary."""
 import statistics
+from contextlib import nullcontext
 from pathlib import Path
 
 import dataload
 from distributed import Dist
+from model_loading import check_inputs, trained_inputs
 from registry import TrainingType
 from run_context import RunContext
-from run_outputs import RunPaths, check_claim
+from run_outputs import RunClaim, RunPaths, check_output_names
 from run_state import seed_everything
 from settings import Settings
 
@@ -29,10 +32,22 @@ def seed_outputs(out: Path, seeds: list) -> list:
     return [(seed, seed_output(out, seed, len(seeds) > 1)) for seed in seeds]
 
 
-def check_seed_outputs(t: TrainingType, cfg: Settings, outputs: list) -> None:
-    """Refuse an existing output of any seed before the first seed trains (each type checks its other phases)."""
-    for _, out in outputs:
-        check_claim(RunPaths.for_output(out, is_dir=t.output_is_dir), t.name, cfg.run.resume, cfg.run.overwrite)
+def check_before_data(t: TrainingType | None, cfg: Settings, outputs: list, dist: Dist):
+    """Refuse everything the flags and the input files' headers show before any data is read or anything
+    written: output names that collide with each other or an input, or are too long; trained inputs that do
+    not fit (``check_inputs``); outputs another live run claims, or that exist. Every phase of every seed
+    counts. Returns the claim to hold (``with``) from the data's loading to the run's end; the test mode
+    (``t`` None) writes nothing and claims nothing.
+    """
+    if t is None:
+        check_inputs(None, cfg)
+        return nullcontext()
+    runs = [RunPaths.for_output(path, is_dir) for _, out in outputs for path, is_dir in t.outputs(out, cfg.flags)]
+    check_output_names(runs, trained_inputs(t, cfg))
+    check_inputs(t, cfg)
+    claim = RunClaim(runs, t.name, cfg.run.resume, cfg.run.overwrite, dist.is_main)
+    claim.check()
+    return claim
 
 
 def run_seeds(entry, cfg: Settings, outputs: list, dist: Dist, device, data: dataload.DataBundle) -> list:

@@ -68,6 +68,7 @@ class Settings:
     method: object = None
     flags: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     result_keys: tuple = ()               # the flags a resume must not change (the training type's)
+    command: str = ""                     # the console command line (run_outputs.console_command) result files record
 
 
 def pick(cls, values: dict, **renamed):

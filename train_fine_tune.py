@@ -53,8 +53,11 @@ def fine_tune(ctx: RunContext) -> dict:
     meta = heads_meta(arch, info.num_classes, info.image_size, info.name, mount_shapes(teacher, info.image_size),
                       fingerprint(teacher))
     heads = build_heads(teacher, info.num_classes, info.image_size).to(ctx.device)
+    # The printed loss is often in the hundreds or thousands; say why before a user takes it for divergence.
     ctx.say(f"[fine_tune] {len(heads)} heads on {arch}: " + ", ".join(f"{count_parameters(h):,}" for h in heads)
-            + " parameters; the loss shown is the sum of the heads' cross-entropies")
+            + f" parameters; the loss shown is the sum of the {len(heads)} heads' cross-entropies, each head one "
+              f"linear layer on a flattened feature map of up to {max(h.fc.in_features for h in heads):,} features, "
+              "so it can start in the thousands (docs/METHODS.md#head-fine-tuning)")
     method = HeadTuning(teacher, heads, meta)
     return run_phase(method, ctx, paths, ctx.cfg.optim, "fine_tune", {**meta, "seed": ctx.seed}, done)
 

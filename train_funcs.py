@@ -5,6 +5,7 @@ rest: optimizer and schedule, the epochs and their progress display, the NaN pol
 epoch, best-validation export, resumable checkpoints (``run_state``), signals and the result file.
 """
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -145,14 +146,25 @@ class EpochProgress:
         self.bar.close()
 
 
+def kept_checkpoint(state) -> str:
+    """What a run stopped by a non-finite loss leaves to resume from."""
+    return f"the last good checkpoint '{state}' is kept" if state.is_file() else "no checkpoint had been written yet"
+
+
 def check_finite(first_bad: torch.Tensor, phase: str, epoch: int, state) -> None:
     """Raise NonFiniteLoss naming the epoch and batch where the loss first stopped being finite."""
     batch = int(first_bad.item())
     if batch >= 0:
-        kept = (f"the last good checkpoint '{state}' is kept" if state.is_file()
-                else "no checkpoint had been written yet")
         raise NonFiniteLoss(f"[{phase}] the loss became NaN or infinite at epoch {epoch + 1}, batch {batch + 1}; "
-                            f"{kept} (use --nan_policy skip to drop such batches)")
+                            f"{kept_checkpoint(state)} (use --nan_policy skip to drop such batches)")
+
+
+def check_skipped(skipped: int, total: int, phase: str, epoch: int, state) -> None:
+    """Stop a ``--nan_policy skip`` run whose epoch skipped more than half its batches: it no longer trains."""
+    if 2 * skipped > total:
+        raise NonFiniteLoss(f"[{phase}] {skipped} of the {total} batches of epoch {epoch + 1} had a NaN or infinite "
+                            f"loss and were skipped, more than half (where --nan_policy skip stops a run); "
+                            f"{kept_checkpoint(state)}")
 
 
 class Trainer:
@@ -178,7 +190,9 @@ class Trainer:
         self.cohort_id = cohort_fingerprint(method)
         self.data_id = dataload.data_fingerprint(ctx.data)
         self.record = {"format": FORMAT, "training_type": ctx.cfg.training_type, "phase": phase, "seed": ctx.seed,
-                       "cohort": self.cohort_id, "data": self.data_id, "args": dict(ctx.cfg.flags), "meta": meta,
+                       "cohort": self.cohort_id, "data": self.data_id, "args": dict(ctx.cfg.flags),
+                       # Enough to rerun it: `cd <cwd> && eval "<command>"` (docs/PIPELINES.md).
+                       "command": ctx.cfg.command, "cwd": os.getcwd(), "meta": meta,
                        "trainable_parameters": sum(p.numel() for p in trainable),
                        "history": [], "best_val": None, "nan_skipped": 0, "complete": False,
                        "versions": library_versions(), "device": str(ctx.device),
@@ -284,10 +298,14 @@ class Trainer:
                     self.save_state(epoch, b + 1, epoch_rng, dist.all_reduce_sum(sums.clone()).cpu())
                     raise self.interrupted(stop.signum, f"in epoch {epoch + 1} after batch {b + 1}")
         check_finite(earliest_bad(first_bad, dist), self.phase, epoch, self.paths.state)
+        # The epoch's own count: the record's total less the earlier epochs' (right after a mid-epoch resume too).
+        skipped = self.record["nan_skipped"] - sum(e.get("nan_skipped", 0) for e in self.record["history"])
+        check_skipped(skipped, total, self.phase, epoch, self.paths.state)
         self.sched.step()
         s = dist.all_reduce_sum(sums).tolist()
         return {"epoch": epoch + 1, "lr": lr, "train_loss": s[0] / max(s[2], 1),
-                "train_top1": 100 * s[1] / max(s[2], 1), "epoch_time_s": time.time() - progress.start}
+                "train_top1": 100 * s[1] / max(s[2], 1), "nan_skipped": skipped,
+                "epoch_time_s": time.time() - progress.start}
 
     def step(self, x, y, idx, b: int, sums: torch.Tensor, first_bad: torch.Tensor, progress: EpochProgress):
         """One training step (skipped under ``--nan_policy skip`` when the loss is not finite); returns

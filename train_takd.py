@@ -14,12 +14,13 @@ from models_repo import MODELS, count_parameters
 from registry import STUDENT_KEYS, TrainingType
 from run_context import RunContext
 from run_outputs import RunPaths, claim_outputs
-from train_kd import bench_kd, distil
+from train_kd import KDSettings, bench_kd, distil, kd_objective, with_ls
 
 
 @dataclass(frozen=True)
-class TAKDSettings:
-    """The assistant's architecture, and an already trained one to reuse."""
+class TAKDSettings(KDSettings):
+    """The assistant's architecture, an already trained one to reuse, and (``KDSettings``) whether both hops'
+    KD terms standardise their logits."""
     ta: str
     saved_ta_path: str | None
 
@@ -54,7 +55,8 @@ def ta_output(out: Path, ta_arch: str) -> Path:
 
 def train_takd(ctx: RunContext) -> dict:
     """KD teacher -> ``--ta`` (unless ``--saved_ta_path``), then KD ``--ta`` -> student."""
-    s = ctx.cfg.method
+    s, models = ctx.cfg.method, ctx.cfg.models
+    objective = kd_objective(models.kd_alpha, models.kd_temperature, s.logit_std)
     check_ta_size(ctx)
     student_paths = RunPaths.for_output(ctx.out)
     if s.saved_ta_path is not None:
@@ -66,11 +68,11 @@ def train_takd(ctx: RunContext) -> dict:
         ta_paths = RunPaths.for_output(ta_output(ctx.out, s.ta))
         ta_file, ta_result = ta_paths.final, str(ta_paths.result)
         done_ta, done = claim_outputs(ctx, [ta_paths, student_paths])
-        distil(ctx, teacher, None, s.ta, ta_paths, "takd_ta", done_ta, role="teacher assistant",
+        distil(ctx, teacher, None, s.ta, ta_paths, "takd_ta", done_ta, objective=objective, role="teacher assistant",
                student_model=str(student_paths.final))
         assistant, _ = load_trained(ctx, s.ta, ta_file, "teacher assistant checkpoint")
-    return distil(ctx, freeze(assistant), None, ctx.cfg.models.student, student_paths, "takd", done, ta=s.ta,
-                  ta_model=str(ta_file), ta_result=ta_result)
+    return distil(ctx, freeze(assistant), None, models.student, student_paths, "takd", done, objective=objective,
+                  ta=s.ta, ta_model=str(ta_file), ta_result=ta_result)
 
 
 def takd_outputs(out: Path, flags) -> list:
@@ -80,7 +82,8 @@ def takd_outputs(out: Path, flags) -> list:
 
 
 TRAINING_TYPE = TrainingType(
-    name="takd", run=train_takd, flags=FLAGS, settings=TAKDSettings, depends_on=STUDENT_KEYS + ("ta",),
+    name="takd", run=train_takd, flags=FLAGS, settings=TAKDSettings, depends_on=STUDENT_KEYS + ("ta", "logit_std"),
     needs=frozenset({"teacher"}), outputs=takd_outputs, report_order=40, bench=bench_kd,
+    label=lambda flags: with_ls("takd", flags),
     description="teacher assistant knowledge distillation (both hops use the distillation flags)",
     summary="TAKD: KD teacher -> assistant (--ta) -> student")

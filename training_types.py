@@ -6,6 +6,8 @@ docs/ADDING_A_METHOD.md) and add one line below.
 import train_at
 import train_ce
 import train_dih
+import train_dist
+import train_dkd
 import train_fine_tune
 import train_fitnets
 import train_kd
@@ -19,6 +21,8 @@ register(train_ce.TRAINING_TYPE)
 register(train_fine_tune.TRAINING_TYPE)
 register(train_kd.TRAINING_TYPE)
 register(train_dih.TRAINING_TYPE)
+register(train_dkd.TRAINING_TYPE)
+register(train_dist.TRAINING_TYPE)
 register(train_fitnets.TRAINING_TYPE)
 register(train_takd.TRAINING_TYPE)
 register(train_at.TRAINING_TYPE)

@@ -14,7 +14,7 @@ from torch import nn
 from dih_utils import Cohort, mount_shapes
 from feature_baselines import BETA_FLAG, heads_outputs, report_extra, require_same_stages, teacher_heads
 from flags import flag
-from KD_Loss import kd_loss, soft_kl
+from KD_Loss import kd_kl_term, kd_loss_ls
 from method_contract import StudentMethod
 from model_loading import load_teacher, model_meta, new_model
 from models_repo.base import conv_bn_relu, init_weights
@@ -22,6 +22,7 @@ from registry import STUDENT_KEYS, TrainingType
 from run_context import RunContext
 from run_outputs import RunPaths
 from train_funcs import run_phase
+from train_kd import with_ls
 
 # The weight of each head's KD term when --beta is not given.
 DEFAULT_BETA = 1.0
@@ -29,9 +30,11 @@ DEFAULT_BETA = 1.0
 
 @dataclass(frozen=True)
 class MHKDSettings:
-    """Each head's KD weight, and the teacher's already fine-tuned heads to reuse."""
+    """Each head's KD weight, the teacher's already fine-tuned heads to reuse, and whether the KD terms
+    standardise their logits."""
     beta: float
     saved_mhkd_directory: str | None
+    logit_std: bool
 
 
 FLAGS = (
@@ -67,24 +70,25 @@ def build_multi_heads(model: nn.Module, num_classes: int, image_size: int) -> nn
 
 
 class MHKDMethod(StudentMethod):
-    """KD on the final logits plus, per stage, CE + beta * KD between the student's and the teacher's heads."""
+    """KD on the final logits plus, per stage, CE + beta * KD between the student's and the teacher's heads;
+    ``logit_std`` standardises the logits of every KD term (``--logit_std``)."""
 
     def __init__(self, student: nn.Module, heads: nn.ModuleList, meta: dict, cohort: Cohort, alpha: float,
-                 beta: float, temperature: float):
+                 beta: float, temperature: float, logit_std: bool = False):
         super().__init__(student, meta)
         self.heads = heads
         self.cohort = cohort
-        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.alpha, self.beta, self.temperature, self.logit_std = alpha, beta, temperature, logit_std
 
     def forward(self, x, y, idx):
         """The MHKD objective for one batch and the student's final logits."""
         logits, feats, _ = self.student(x, features=True)
         teacher = self.cohort(x)  # [final logits, head_1, ..., head_k], stage order
-        loss = kd_loss(logits, teacher[0], y, self.alpha, self.temperature)
+        loss = kd_loss_ls(logits, teacher[0], y, self.alpha, self.temperature, logit_std=self.logit_std)
         for head, feat, t_logits in zip(self.heads, feats, teacher[1:], strict=True):
             s_logits = head(feat)
-            loss = loss + F.cross_entropy(s_logits.float(), y) + self.beta * soft_kl(s_logits, t_logits,
-                                                                                     self.temperature)
+            kd = kd_kl_term(s_logits, t_logits, self.temperature, logit_std=self.logit_std)
+            loss = loss + F.cross_entropy(s_logits.float(), y) + self.beta * kd
         return loss, logits
 
 
@@ -100,9 +104,10 @@ def train_mhkd(ctx: RunContext) -> dict:
     teacher_multi, done = teacher_heads(ctx, teacher, build_multi_heads(teacher, classes, size),
                                         s.saved_mhkd_directory, paths)
     meta = model_meta(ctx, models.student, teacher=models.teacher, kd_alpha=models.kd_alpha,
-                      kd_temperature=models.kd_temperature, beta=beta, num_heads=len(heads))
+                      kd_temperature=models.kd_temperature, beta=beta, logit_std=s.logit_std,
+                      num_heads=len(heads))
     method = MHKDMethod(student, heads, meta, Cohort(teacher, teacher_multi), models.kd_alpha, beta,
-                        models.kd_temperature)
+                        models.kd_temperature, s.logit_std)
     report_extra(ctx, {"heads": heads})
     return run_phase(method, ctx, paths, ctx.cfg.optim, "mhkd", meta, done)
 
@@ -113,12 +118,13 @@ def bench_mhkd(parts) -> MHKDMethod:
     heads = build_multi_heads(student, parts.classes, parts.size)
     teacher_heads_ = parts.frozen(build_multi_heads(parts.teacher, parts.classes, parts.size))
     return MHKDMethod(student, heads, {}, Cohort(parts.teacher, teacher_heads_), m.kd_alpha,
-                      parts.cfg.method.beta, m.kd_temperature)
+                      parts.cfg.method.beta, m.kd_temperature, parts.cfg.method.logit_std)
 
 
 TRAINING_TYPE = TrainingType(
     name="mhkd", run=train_mhkd, flags=FLAGS, flag_defaults={"beta": DEFAULT_BETA}, settings=MHKDSettings, needs=frozenset({"teacher"}),
-    depends_on=STUDENT_KEYS + ("beta",), report_order=80, bench=bench_mhkd, same_stages=True,
+    depends_on=STUDENT_KEYS + ("beta", "logit_std"), report_order=80, bench=bench_mhkd, same_stages=True,
+    label=lambda flags: with_ls("mhkd", flags),
     outputs=lambda out, flags: heads_outputs(out, flags, "saved_mhkd_directory"),
     description=f"multi-head knowledge distillation: KD on the final logits, and per stage head CE + --beta x KD "
                 f"(--beta default {DEFAULT_BETA})",

@@ -21,8 +21,10 @@ from torch import nn
 from dataclasses import dataclass
 
 from dih_utils import Cohort
+from epoch_count import CountsEpochs
 from feature_baselines import BETA_FLAG, heads_outputs, report_extra, require_same_stages, teacher_heads
 from flags import flag
+from KD_Loss import logit_pair
 from method_contract import StudentMethod
 from model_loading import load_teacher, model_meta, new_model
 from models_repo import build_model
@@ -30,6 +32,7 @@ from registry import STUDENT_KEYS, TrainingType
 from run_context import RunContext
 from run_outputs import RunPaths
 from train_funcs import num_train_batches, run_phase
+from train_kd import with_ls
 
 # The authors' defaults (distill.py's argparse), used when the flags are not given: the feature-distance
 # weight (their --alpha; ours --alpha/--kd_alpha), the orthogonality weight (their and our --beta) and the
@@ -130,15 +133,17 @@ def orthogonality_loss(weight: torch.Tensor) -> torch.Tensor:
         return torch.linalg.matrix_norm(w @ w.t() - eye_out) + torch.linalg.matrix_norm(w.t() @ w - eye_in)
 
 
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature) -> torch.Tensor:
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature, *,
+                       logit_std: bool = False) -> torch.Tensor:
     """``-sum_c softmax(t/T)_c * log softmax(s/T)_c``, averaged over the batch, in float32.
 
     The authors' logit-distillation term: a cross-entropy against the teacher's softened distribution
     (so it keeps the teacher's entropy, unlike a KL divergence), with no ``T^2`` factor. ``temperature``
-    may be a number or a 0-d tensor.
+    may be a number or a 0-d tensor. ``logit_std`` standardises both sides first (``--logit_std``).
     """
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    p_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+    s, t = logit_pair(student_logits, teacher_logits, logit_std)
+    log_p_s = F.log_softmax(s / temperature, dim=1)
+    p_t = F.softmax(t / temperature, dim=1)
     return -(p_t * log_p_s).sum(dim=1).mean()
 
 
@@ -161,40 +166,36 @@ def kd_temperature(t, epoch, epochs: int):
     return 1 + t * (epoch + 1) / epochs
 
 
-class TOFDMethod(StudentMethod):
+class TOFDMethod(StudentMethod, CountsEpochs):
     """Sum over classifier pairs of CE + soft CE + alpha * feature distance, plus beta * the links' orthogonality.
 
     ``cohort`` holds the frozen teacher with its fine-tuned auxiliary classifiers as heads; the student's
     auxiliary classifiers and the links are trained and saved with the student. ``temperature`` is the
     authors' ``t``: the distillation temperature of epoch e (0-based) of ``epochs`` is
     ``1 + t * (e + 1) / epochs``. The epoch is counted on the device from the training batches seen
-    (``steps_per_epoch`` of them per epoch), in a buffer that a resumed run restores, so no step waits for
-    the host.
+    (``steps_per_epoch`` of them per epoch; ``epoch_count``), so no step waits for the host.
+    ``logit_std`` standardises the logits of the soft CE terms (``--logit_std``).
     """
 
     def __init__(self, student: nn.Module, aux: nn.ModuleList, links: nn.ModuleList, meta: dict, cohort: Cohort,
-                 alpha: float, beta: float, temperature: float, *, epochs: int, steps_per_epoch: int):
+                 alpha: float, beta: float, temperature: float, *, epochs: int, steps_per_epoch: int,
+                 logit_std: bool = False):
         super().__init__(student, meta)
-        if epochs < 1 or steps_per_epoch < 1:
-            raise ValueError(f"epochs and steps_per_epoch must be positive, got {epochs} and {steps_per_epoch}")
+        self.count_epochs(epochs, steps_per_epoch)
         self.aux, self.links = aux, links
         self.cohort = cohort
-        self.alpha, self.beta, self.temperature = alpha, beta, temperature
-        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.alpha, self.beta, self.temperature, self.logit_std = alpha, beta, temperature, logit_std
 
     def current_temperature(self) -> torch.Tensor:
         """The distillation temperature of the epoch the next training batch belongs to (0-d tensor)."""
-        epoch = torch.clamp(torch.div(self.steps_done, self.steps_per_epoch, rounding_mode="floor"),
-                            max=self.epochs - 1)
-        return kd_temperature(self.temperature, epoch.float(), self.epochs)
+        return kd_temperature(self.temperature, self.current_epoch().float(), self.epochs)
 
     def loss_terms(self, student: list, teacher: list, y: torch.Tensor, temperature) -> dict:
         """The unweighted terms, each summed over the classifier pairs: ``ce``, ``kd``, ``feature``, ``orth``."""
         ce = kd = feature = 0.0
         for (s_logits, s_feat), (t_logits, t_feat), link in zip(student, teacher, self.links, strict=True):
             ce = ce + F.cross_entropy(s_logits.float(), y)
-            kd = kd + soft_cross_entropy(s_logits, t_logits, temperature)
+            kd = kd + soft_cross_entropy(s_logits, t_logits, temperature, logit_std=self.logit_std)
             feature = feature + feature_distance(link(s_feat), t_feat)
         orth = sum(orthogonality_loss(link.weight) for link in self.links)
         return {"ce": ce, "kd": kd, "feature": feature, "orth": orth}
@@ -205,18 +206,18 @@ class TOFDMethod(StudentMethod):
         with torch.no_grad():
             teacher = classifier_outputs(self.cohort.teacher, self.cohort.heads, x)
         terms = self.loss_terms(student, teacher, y, self.current_temperature())
-        if self.training:
-            with torch.no_grad():
-                self.steps_done += 1
+        self.count_step()
         loss = terms["ce"] + terms["kd"] + self.alpha * terms["feature"] + self.beta * terms["orth"]
         return loss, student[-1][0]
 
 
 @dataclass(frozen=True)
 class TOFDSettings:
-    """The orthogonality weight, and the teacher's already fine-tuned auxiliary classifiers to reuse."""
+    """The orthogonality weight, the teacher's already fine-tuned auxiliary classifiers to reuse, and
+    whether the soft CE terms standardise their logits."""
     beta: float
     saved_tofd_directory: str | None
+    logit_std: bool
 
 
 FLAGS = (
@@ -240,10 +241,10 @@ def train_tofd(ctx: RunContext) -> dict:
     teacher_aux, done = teacher_heads(ctx, teacher, teacher_aux, s.saved_tofd_directory, paths)
     alpha, t = models.kd_alpha, models.kd_temperature
     meta = model_meta(ctx, models.student, teacher=models.teacher, kd_alpha=alpha, kd_temperature=t, beta=s.beta,
-                      num_aux=len(aux))
+                      logit_std=s.logit_std, num_aux=len(aux))
     steps = num_train_batches(len(ctx.data.train), ctx.cfg.data.batch_size, ctx.dist.world_size)
     method = TOFDMethod(student, aux, links, meta, Cohort(teacher, teacher_aux), alpha, s.beta, t,
-                        epochs=ctx.cfg.optim.epochs, steps_per_epoch=steps)
+                        epochs=ctx.cfg.optim.epochs, steps_per_epoch=steps, logit_std=s.logit_std)
     report_extra(ctx, {"aux": aux, "links": links})
     return run_phase(method, ctx, paths, ctx.cfg.optim, "tofd", meta, done)
 
@@ -255,13 +256,15 @@ def bench_tofd(parts) -> TOFDMethod:
     teacher_aux = parts.frozen(build_aux(m.teacher, parts.classes))
     links = build_links(map_shapes(student, aux, parts.size), map_shapes(parts.teacher, teacher_aux, parts.size))
     return TOFDMethod(student, aux, links, {}, Cohort(parts.teacher, teacher_aux), m.kd_alpha, parts.cfg.method.beta,
-                      m.kd_temperature, epochs=parts.cfg.optim.epochs, steps_per_epoch=100)
+                      m.kd_temperature, epochs=parts.cfg.optim.epochs, steps_per_epoch=100,
+                      logit_std=parts.cfg.method.logit_std)
 
 
 TRAINING_TYPE = TrainingType(
     name="tofd", run=train_tofd, flags=FLAGS, settings=TOFDSettings, needs=frozenset({"teacher"}),
     flag_defaults={"kd_alpha": DEFAULT_ALPHA, "beta": DEFAULT_BETA, "kd_temperature": DEFAULT_TEMPERATURE},
-    depends_on=STUDENT_KEYS + ("beta",), report_order=70, bench=bench_tofd, same_stages=True,
+    depends_on=STUDENT_KEYS + ("beta", "logit_std"), report_order=70, bench=bench_tofd, same_stages=True,
+    label=lambda flags: with_ls("tofd", flags),
     outputs=lambda out, flags: heads_outputs(out, flags, "saved_tofd_directory"),
     description=f"task-oriented feature distillation as its authors' code: per classifier CE + soft CE + "
                 f"--alpha x feature distance, plus --beta x the links' orthogonality; --temperature is the "

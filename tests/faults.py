@@ -5,9 +5,11 @@ batches an epoch, so a whole three-epoch run takes a few seconds on a busy CPU.
 """
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +47,42 @@ def recipe(data_dir: Path, epochs: int = 3) -> list:
             "--teacher", "res8", "--student", "res8", "--deterministic", "--num_workers", "0"]
 
 
+def flip_tensor_byte(path: Path) -> None:
+    """Invert one byte in the middle of the largest tensor of a torch checkpoint: the file still parses.
+
+    Torch's zip format stores tensors uncompressed, each in a record ``<archive>/data/<n>``; the byte is found
+    from the record's local header (30 bytes, then the name and the extra field).
+    """
+    with zipfile.ZipFile(path) as z:
+        record = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[record.header_offset + 26:record.header_offset + 30])
+    raw[record.header_offset + 30 + name_len + extra_len + record.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another live process claiming the output ``path`` (``output_lock``) until it is killed; returns once it
+    holds the claim."""
+    code = ("import sys, time; from output_lock import OutputLock; lock = OutputLock([sys.argv[1]]); "
+            "lock.acquire(); print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 def tree(root: Path) -> dict:
-    """Every file and folder under ``root`` with its size and modification time (to prove nothing changed)."""
+    """Every file and folder under ``root``, files with their size and modification time (to prove nothing changed).
+
+    A folder counts by its name only: a run refused while it holds its claim has created and removed its
+    lock files there, which changes the folder's time but leaves no file behind.
+    """
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
             st = path.stat()
-            out[str(path.relative_to(root))] = (path.is_dir(), 0 if path.is_dir() else st.st_size, st.st_mtime_ns)
+            out[str(path.relative_to(root))] = (True, 0, 0) if path.is_dir() else (False, st.st_size, st.st_mtime_ns)
     return out
 
 

@@ -1,6 +1,10 @@
-"""Checkpoint files: atomic writes survive kills and failures, loading never runs code, and foreign
-teachers are accepted when they fit and refused, naming the first mismatch, when they do not."""
+"""Checkpoint files: atomic writes survive kills and failures, loading never runs code, digests catch bytes
+changed on disk, non-finite weights and stray head files are refused, the output lock holds while its
+process lives, and foreign teachers are accepted when they fit and refused, naming the first mismatch,
+when they do not."""
 import ast
+import collections
+import errno
 import os
 import pickle
 import signal
@@ -13,12 +17,13 @@ import torch
 
 import checkpoints
 import run_state
-from checkpoints import FORMAT, atomic_save, load_model_file, safe_load
+from checkpoints import DIGEST_KEY, FORMAT, atomic_save, load_model_file, model_record, safe_load
 from console import ROOT, run_inprocess
-from dih_utils import build_heads, fingerprint, heads_meta, load_heads, mount_shapes, save_heads
+from dih_utils import build_heads, fingerprint, heads_meta, list_heads, load_heads, mount_shapes, save_heads
 from errors import UserError
-from faults import make_imagefolder, one_thread, recipe  # noqa: F401
+from faults import flip_tensor_byte, hold_lock, make_imagefolder, one_thread, recipe  # noqa: F401
 from models_repo import build_model
+from output_lock import OutputLock, lock_file, remove_stray_temps
 
 
 class Evil:
@@ -86,13 +91,31 @@ def test_an_os_error_while_writing_is_one_sentence_and_keeps_the_old_file(tmp_pa
     atomic_save({"v": torch.ones(3)}, path)
     before = path.read_bytes()
 
-    def no_space(src, dst):
-        raise OSError(28, "No space left on device")
+    def denied(src, dst):
+        raise OSError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(checkpoints.os, "replace", no_space)
-    with pytest.raises(UserError, match="No space left on device; the previous file is kept"):
+    monkeypatch.setattr(checkpoints.os, "replace", denied)
+    with pytest.raises(UserError, match="Permission denied; the previous file is kept"):
         atomic_save({"v": torch.zeros(3)}, path)
     monkeypatch.undo()
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.pth"]
+
+
+def test_a_full_disk_names_the_folder_and_the_bytes_the_file_needed(tmp_path, monkeypatch):
+    path = tmp_path / "m.pth"
+    atomic_save({"v": torch.ones(3)}, path)
+    before = path.read_bytes()
+    written = {}
+
+    def full(fd):  # the data reached the page cache; the disk has no room when it is flushed
+        written["size"] = os.fstat(fd).st_size
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.os, "fsync", full)
+    with pytest.raises(UserError) as info:
+        atomic_save({"v": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert str(info.value).startswith(f"no space left in '{tmp_path}' to write 'm.pth' ({written['size']:,} bytes")
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.pth"]
 
 
@@ -100,6 +123,104 @@ def test_written_files_get_the_usual_permissions_not_private_ones(tmp_path):
     atomic_save({"v": torch.ones(1)}, tmp_path / "m.pth")
     mode = stat.S_IMODE((tmp_path / "m.pth").stat().st_mode)
     assert mode == 0o666 & ~checkpoints.UMASK
+
+
+# ----------------------------------------------------------------------------- digests and finite weights
+
+def test_every_saved_dict_records_a_digest_that_survives_containers_of_any_kind(tmp_path):
+    counts = collections.Counter({3: 1, 6: 2})  # what a MultiStepLR state holds
+    atomic_save({"format": FORMAT, "w": torch.arange(5.0), "nested": [{"b": torch.ones(2, dtype=torch.bool)}],
+                 "milestones": counts}, tmp_path / "x.pth")
+    loaded = safe_load(tmp_path / "x.pth", "checkpoint")
+    assert len(loaded[DIGEST_KEY]) == 64 and loaded["milestones"] == counts
+    assert type(loaded["milestones"]) is collections.Counter
+
+
+def test_a_flipped_byte_inside_a_tensor_parses_but_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "t.pth"
+    atomic_save(model_record(build_model("res8", 4), "res8", 4, "imagefolder", 16), path)
+    flip_tensor_byte(path)
+    assert torch.load(path, weights_only=True)["arch"] == "res8", "the damaged file still parses"
+    with pytest.raises(UserError, match=f"teacher checkpoint '{path}' is corrupted"):
+        load_model_file(path, build_model("res8", 4), "res8", 4, "teacher checkpoint")
+
+
+def test_a_toolkit_file_without_digest_loads_with_one_notice(tmp_path, capsys):
+    path = tmp_path / "old.pth"
+    model = build_model("res8", 4)
+    torch.save(model_record(model, "res8", 4, "imagefolder", 16), path)  # as files were written before digests
+    for _ in range(2):
+        load_model_file(path, build_model("res8", 4), "res8", 4, "teacher checkpoint")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"notice: teacher checkpoint '{path}' records no digest")
+    torch.save(model.state_dict(), tmp_path / "foreign.pth")  # other code's files never had one: no notice
+    load_model_file(tmp_path / "foreign.pth", build_model("res8", 4), "res8", 4, "teacher checkpoint")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("key, value", [("fc.weight", float("nan")), ("stages.0.0.bn1.running_var", float("inf"))])
+def test_non_finite_weights_are_refused_naming_the_file_and_the_tensor(tmp_path, key, value):
+    state = build_model("res8", 4).state_dict()
+    state[key].view(-1)[0] = value
+    atomic_save({"state_dict": state}, tmp_path / "t.pth")
+    with pytest.raises(UserError, match=f"'{tmp_path / 't.pth'}' holds non-finite weights: tensor '{key}'"):
+        load_model_file(tmp_path / "t.pth", build_model("res8", 4), "res8", 4, "teacher checkpoint")
+
+
+# ----------------------------------------------------------------------------- heads folders and output locks
+
+@pytest.mark.parametrize("stray", ["head_02.pth", "head_0.pth", "head_x.pth", "head_.pth"])
+def test_a_file_named_like_a_head_but_not_exactly_is_refused(tmp_path, stray):
+    teacher = build_model("res8", 4)
+    meta = heads_meta("res8", 4, 16, "imagefolder", mount_shapes(teacher, 16), fingerprint(teacher))
+    save_heads(build_heads(teacher, 4, 16), tmp_path, meta, epoch=1, selected_on="last epoch", seed=1)
+    assert sorted(list_heads(tmp_path)) == [1, 2, 3]
+    (tmp_path / stray).write_bytes((tmp_path / "head_2.pth").read_bytes())
+    with pytest.raises(UserError, match=f"holds '{stray}', which looks like a head file but is not named"):
+        load_heads(tmp_path, teacher, meta)
+
+
+def test_an_output_lock_refuses_a_second_claim_until_its_process_dies(tmp_path):
+    path = tmp_path / "new" / "m.pth"
+    proc = hold_lock(path)
+    try:
+        assert lock_file(path).read_text().strip() == str(proc.pid)
+        for attempt in (OutputLock([path]).check_free, OutputLock([tmp_path / "x.pth", path]).acquire):
+            with pytest.raises(UserError, match=f"output '{path}' is claimed by another run .*PID {proc.pid}"):
+                attempt()
+        assert not lock_file(tmp_path / "x.pth").exists(), "a refused claim lets go of what it had taken"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert lock_file(path).exists(), "a killed holder leaves its lock file"
+    lock = OutputLock([path])
+    lock.check_free()
+    lock.acquire()  # nobody holds it any more: no cleanup needed
+    assert lock_file(path).read_text().strip() == str(os.getpid())
+    lock.release()
+    assert not lock_file(path).exists()
+
+
+def test_a_claim_removes_the_folders_it_created_when_they_stay_empty(tmp_path):
+    lock = OutputLock([tmp_path / "a" / "b" / "m.pth", tmp_path / "c.pth"])
+    lock.acquire()
+    assert (tmp_path / "a" / "b" / ".m.pth.lock").is_file()
+    lock.release()
+    assert os.listdir(tmp_path) == []
+
+
+def test_stray_temporary_files_of_an_output_are_found_and_only_they(tmp_path):
+    mine = [tmp_path / ".m.pth.abcd_123.tmp", tmp_path / ".m.pth.zzzzzzzz.tmp"]
+    others = [tmp_path / ".m2.pth.abcdefgh.tmp", tmp_path / ".m.pth.lock", tmp_path / "m.pth.abcdefgh.tmp",
+              tmp_path / ".m.pth.short.tmp"]
+    heads = tmp_path / "heads"
+    (heads / "best").mkdir(parents=True)
+    inside = [heads / ".head_1.pth.a1b2c3d4.tmp", heads / "best" / ".state.pth.qwertyui.tmp"]
+    for p in mine + others + inside:
+        p.write_bytes(b"half a file")
+    assert sorted(remove_stray_temps(tmp_path / "m.pth", inside=False)) == sorted(mine)
+    assert sorted(remove_stray_temps(heads, inside=True)) == sorted(inside)
+    assert not any(p.exists() for p in mine + inside) and all(p.exists() for p in others)
 
 
 # ----------------------------------------------------------------------------- safe loading

@@ -62,8 +62,10 @@ def read(path):
 def test_pipeline_writes_the_documented_layout(sweep):
     students = {f"{m}_s{s}" for m in ("ce", "kd", "dih") for s in SEEDS}
     names = {p.name for p in sweep.iterdir()}
-    assert names == ({"teacher.pth", "teacher.json", "heads", "pipeline.json", "report.md", "report.csv"}
+    plots = {f"report_{kind}_synthetic_res14_res8.png" for kind in ("curves", "depth")}
+    assert names == ({"teacher.pth", "teacher.json", "heads", "pipeline.json", "report.md", "report.csv"} | plots
                      | {f"{n}.pth" for n in students} | {f"{n}.json" for n in students})
+    assert all((sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in plots)
     assert sorted(p.name for p in (sweep / "heads").iterdir()) == ["head_1.pth", "head_2.pth", "head_3.pth",
                                                                    "result.json"]
     teacher, heads = read(sweep / "teacher.json"), read(sweep / "heads" / "result.json")
@@ -79,6 +81,10 @@ def test_pipeline_writes_the_documented_layout(sweep):
         assert kd["args"]["train_subset"] == 60 and kd["args"]["seed"] == [seed]  # flags passed through
     manifest = read(sweep / "pipeline.json")
     assert [s["status"] for s in manifest["steps"]] == ["complete"] * 8
+    # Each step's result records the step's own command, as the plan lists it, and where it ran.
+    results = [teacher, heads] + [read(sweep / f"{m}_s{s}.json") for s in SEEDS for m in ("ce", "kd", "dih")]
+    assert [r["command"] for r in results] == [s["command"] for s in manifest["steps"]]
+    assert all(r["cwd"] == os.getcwd() and " --seed " in r["command"] for r in results)
     assert (manifest["dataset"], manifest["teacher"], manifest["student"]) == ("synthetic", "res14", "res8")
 
 
@@ -183,7 +189,8 @@ def test_result_keys_are_what_each_type_trains_with():
     keys = {name: set(t.result_keys) for name, t in REGISTRY.items()}
     assert {"lr", "epochs", "schedule", "teacher"} <= keys["ce"] and not {"kd_alpha", "student"} & keys["ce"]
     assert keys["ce"] == keys["fine_tune"]
-    assert keys["kd"] - keys["ce"] == {"student", "kd_alpha", "kd_temperature"} == keys["dih"] - keys["ce"]
+    assert keys["kd"] - keys["ce"] == {"student", "kd_alpha", "kd_temperature", "logit_std"}
+    assert keys["dih"] - keys["kd"] == {"cohort_loss", "dkd_alpha", "dkd_beta", "dkd_warmup", "dist_beta", "dist_gamma"}
     assert keys["fitnets"] - keys["kd"] >= {"epochs_fitnets_1", "hint_layer"}
     assert keys["takd"] - keys["kd"] == {"ta"}
     assert {"beta", "nce_k"} <= keys["crd"] and "beta" in keys["tofd"] and "nce_k" not in keys["tofd"]
@@ -362,23 +369,62 @@ def test_report_user_errors(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- the scripts
 
-@pytest.mark.parametrize("script", ["sweep_cifar100_res110_res8.sh", "pipeline_cifar100_res110_res8.sh"])
-def test_scripts_are_commands_the_console_accepts(script, tmp_path):
-    """Each line the script would run, echoed instead, parses and validates with the console's own parser."""
-    env = {**os.environ, "PYTHON": "echo", "OUT": str(tmp_path / "out")}
+def script_lines(script, tmp_path, **env):
+    """The lines the script prints with ``PYTHON=echo``: headers and the commands it would run, split."""
+    env = {**os.environ, "PYTHON": "echo", "OUT": str(tmp_path / "out"), **env}
     done = subprocess.run(["bash", str(ROOT / "scripts" / script)], env=env, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
-    lines = [shlex.split(line) for line in done.stdout.splitlines()]
-    assert [line[0] for line in lines][-1] == "report.py"
-    commands = [line[1:] for line in lines if line[0] == "final_test.py"]
-    assert len(commands) == len(lines) - 1 >= 1
-    for argv in commands:
-        args = final_test.build_parser().parse_args(argv)
-        final_test.validate(args, final_test.build_parser())
-        assert args.dataset == "cifar100" and args.epochs == 200 and args.path_to_save.startswith(str(tmp_path))
-    report.build_parser().parse_args(lines[-1][1:])
-    types = [final_test.build_parser().parse_args(argv).training_type for argv in commands]
-    expected = ["pipeline"] if script.startswith("pipeline") else ["ce", "fine_tune", *(
-        t.name for t in ordered() if t.in_pipeline)]
-    assert types == expected
+    return [shlex.split(line) for line in done.stdout.splitlines()]
+
+
+def console_commands(lines):
+    """The parsed and validated arguments of every ``final_test.py`` line."""
+    parser = final_test.build_parser()
+    commands = [parser.parse_args(line[1:]) for line in lines if line[0] == "final_test.py"]
+    for args in commands:
+        final_test.validate(args, parser)
+    return commands
+
+
+def test_sweep_script_prints_a_header_before_each_step(tmp_path):
+    lines = script_lines("sweep_cifar100_res110_res8.sh", tmp_path)
+    headers, commands = lines[0::2], lines[1::2]
+    methods = [t.name for t in ordered() if t.in_pipeline]
+    total = len(methods) + 3  # the teacher, its heads, every method, the report
+    assert len(headers) == len(commands) == total and all(h[0] == "==" for h in headers)
+    assert [h[1] for h in headers] == [f"[{i}/{total}]" for i in range(1, total + 1)]
+    assert [" ".join(h[2:]) for h in headers[:5]] == ["teacher res110 seed 30", "heads seed 30",
+                                                      "ce (student alone) seeds 30 50 67", "kd seeds 30 50 67",
+                                                      "dih seeds 30 50 67"]
+    assert [c[0] for c in commands] == ["final_test.py"] * (total - 1) + ["report.py"]
+    report.build_parser().parse_args(commands[-1][1:])
+    assert [args.training_type for args in console_commands(commands)] == ["ce", "fine_tune", *methods]
+
+
+@pytest.mark.parametrize("script", ["sweep_cifar100_res110_res8.sh", "pipeline_cifar100_res110_res8.sh"])
+def test_scripts_default_to_the_recipe(script, tmp_path):
+    for args in console_commands(script_lines(script, tmp_path)):
+        assert (args.dataset, args.data_dir, args.epochs, args.epochs_fitnets_1) == ("cifar100", "./data", 200, 40)
+        # Each method's own distillation weights apply (TOFD's differ from KD's).
+        assert args.kd_alpha is None and args.kd_temperature is None and args.gpu_id is None
+        assert args.schedule is None and final_test.make_settings(args).optim.milestones == (60, 120, 180)
+        assert args.path_to_save.startswith(str(tmp_path))
+
+
+@pytest.mark.parametrize("script", ["sweep_cifar100_res110_res8.sh", "pipeline_cifar100_res110_res8.sh"])
+def test_every_script_knob_reaches_every_command(script, tmp_path):
+    knobs = {"DATASET": "cifar10", "DATA_DIR": str(tmp_path / "data"), "EPOCHS": "1", "TRAIN_SUBSET": "500",
+             "VAL_SIZE": "100", "SEEDS": "7", "GPU": "cpu", "TEACHER": "res20", "STUDENT": "res14", "TA": "res14"}
+    commands = console_commands(script_lines(script, tmp_path, **knobs))
+    methods = [t.name for t in ordered() if t.in_pipeline]
+    assert len(commands) == (1 if script.startswith("pipeline") else len(methods) + 2)
+    if script.startswith("pipeline"):
+        assert commands[0].methods == methods  # the script's default: every method
+    for args in commands:
+        assert (args.dataset, args.data_dir, args.epochs, args.train_subset, args.val_size, args.seed,
+                args.gpu_id, args.ta) == ("cifar10", str(tmp_path / "data"), 1, 500, 100, [7], "cpu", "res14")
+        assert args.epochs_fitnets_1 == 1 and args.schedule is None  # FitNets' stage 1 shrinks with EPOCHS
+        assert args.student == "res14" and args.teacher in ("res20", "res14")  # ce of the student: --teacher res14
+    for args in console_commands(script_lines(script, tmp_path, EPOCHS="10", SCHEDULE="4 8")):
+        assert (args.epochs_fitnets_1, args.schedule) == (2, [4, 8])
