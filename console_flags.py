@@ -34,7 +34,8 @@ RUN_FLAGS = (
          help="cuda:N or cpu (default: cuda:0 if available, else cpu; cuda:<LOCAL_RANK> under torchrun)"),
     flag("--resume", action="store_true", help="continue an interrupted run from its checkpoint"),
     flag("--nan_policy", default="stop", choices=["stop", "skip"],
-         help="on a non-finite loss: stop the run, or skip the batch and count it"),
+         help="on a non-finite loss: stop the run, or skip the batch and count it (a run stops when more than "
+              "half of an epoch's batches are skipped)"),
     flag("--deterministic", action="store_true",
          help="deterministic algorithms, no cuDNN benchmarking (reproducible, slower)"),
     flag("--summary", action="store_true", help="print the model with torchsummary and exit"),

@@ -1,5 +1,6 @@
 """DIH's intermediate heads: building them on a teacher, saving/loading them, and the cohort forward."""
 import fnmatch
+import os
 import re
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def list_heads(directory) -> dict[int, Path]:
     """The head files of a heads folder by number, refusing a missing or empty folder and any file that looks
     like a head (``head_*.pth``, e.g. ``head_02.pth``) but is not exactly named ``head_<i>.pth``."""
     directory = Path(directory)
-    if not directory.is_dir():
+    if not os.path.isdir(directory):  # also a name too long to look up
         raise UserError(f"heads directory '{directory}' does not exist")
     found = {}
     for p in sorted(directory.iterdir()):

@@ -5,112 +5,14 @@ recipe's flags come first, so a case's flags override them. ``base`` is the modu
 image-folder data, ``teacher.pth``, its ``heads``, ``other_teacher.pth`` and ``interrupted/kd.state.pth``.
 """
 import os
-import shutil
 
 import torch
 
+from bad_input_files import (Evil, copied, copy_heads, dataset, edited, flipped, good_split, other_images, prefixed,
+                             res_state, save, write)
 from checkpoints import DIGEST_KEY, atomic_save, model_record
 from faults import flip_tensor_byte, hold_lock
 from models_repo import build_model
-
-
-class Evil:
-    """Unpickling this runs code: it would create the file ``marker``."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-
-def write(path, content: bytes = b"") -> None:
-    """Create ``path`` (and its folders) with ``content``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-
-
-def save(obj, path) -> None:
-    """torch.save ``obj`` to ``path``, creating its folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(obj, path)
-
-
-def copy_heads(base, case, drop=(), extra=(), swap=None):
-    """A copy of the fixture's heads in the case folder, with heads dropped, added or replaced."""
-    folder = case / "heads"
-    folder.mkdir()
-    for i in (1, 2, 3):
-        if i not in drop:
-            source = base / "heads" / f"head_{swap[1] if swap and swap[0] == i else i}.pth"
-            (folder / f"head_{i}.pth").write_bytes(source.read_bytes())
-    for i in extra:
-        (folder / f"head_{i}.pth").write_bytes((base / "heads" / "head_1.pth").read_bytes())
-    return folder
-
-
-def dataset(case, layout: dict) -> object:
-    """An image-folder dataset in ``case/data`` from ``{relative path: image size or raw bytes}``."""
-    from PIL import Image
-    root = case / "data"
-    root.mkdir()
-    for rel, content in layout.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, int):
-            Image.new("RGB", (content, content), (120, 30, 200)).save(path)
-        elif content is not None:
-            path.write_bytes(content)
-    return root
-
-
-def good_split(size=16, per_class=3, classes=("a", "b")) -> dict:
-    """The files of a valid small split, per class."""
-    return {f"{c}/{n}.png": size for c in classes for n in range(per_class)}
-
-
-def prefixed(d: dict, prefix: str) -> dict:
-    """``d`` with every key under ``prefix``."""
-    return {f"{prefix}/{k}": v for k, v in d.items()}
-
-
-def res_state(arch, classes) -> dict:
-    """A plain state dict of a fresh registry model, as other code would save it."""
-    return build_model(arch, classes).state_dict()
-
-
-def copied(source, target):
-    """A byte copy of ``source`` at ``target`` (folders created); returns ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-    return target
-
-
-def edited(source, target, poison=None, **fields):
-    """A toolkit file ``source`` rewritten by the toolkit (so its digest is valid) at ``target``, with record
-    ``fields`` replaced and ``poison`` ({state-dict key: value}) put in the first element of those tensors."""
-    record = torch.load(source, weights_only=True)
-    record.update(fields)
-    for key, value in (poison or {}).items():
-        record["state_dict"][key].view(-1)[0] = value
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(record, target)
-    return target
-
-
-def flipped(source, target):
-    """A copy of ``source`` with one byte inverted inside a tensor: it parses, but its digest no longer fits."""
-    flip_tensor_byte(copied(source, target))
-
-
-def other_images(base, case):
-    """A copy of the fixture's data with one training image replaced by one of another class."""
-    data = case / "data"
-    shutil.copytree(base / "data", data)
-    image = sorted((data / "train" / "class_1").iterdir())[0]
-    image.write_bytes((data / "train" / "class_2" / image.name).read_bytes())
-
 
 KD = ["--training_type", "kd"]
 DIH = ["--training_type", "dih"]
@@ -128,7 +30,8 @@ EARLIER_CASES = {
     "alpha_above_one": (lambda b, c: [*KD, "--kd_alpha", "1.5"], "must be a finite number >= 0 and <= 1, got 1.5"),
     "alpha_below_zero": (lambda b, c: [*KD, "--alpha", "-0.1"], "must be a finite number >= 0 and <= 1, got -0.1"),
     "temperature_zero": (lambda b, c: [*KD, "--kd_temperature", "0"], "temperature must be a finite number > 0, got 0"),
-    "temperature_negative": (lambda b, c: [*KD, "--temperature", "-2"], "temperature must be a finite number > 0, got -2"),
+    "temperature_negative": (lambda b, c: [*KD, "--temperature", "-2"],
+                             "temperature must be a finite number > 0, got -2"),
     "milestone_beyond_epochs": (lambda b, c: ["--schedule", "5"], "milestone 5 is outside 1..3"),
     "zero_learning_rate": (lambda b, c: ["--lr", "0"], "--lr must be a finite number > 0, got 0"),
     "resume_with_overwrite": (lambda b, c: ["--resume", "--overwrite"], "contradict"),
@@ -300,7 +203,8 @@ OUTPUT_CASES = {
     "output_is_empty": (lambda b, c: ["--path_to_save", ""], "--path_to_save '' names no file"),
     "output_is_the_parent_folder": (lambda b, c: ["--path_to_save", ".."], "--path_to_save '..' names no file"),
     "output_name_too_long": (lambda b, c: ["--path_to_save", c / ("m" * 250 + ".pth")], "is too long for the file"),
-    "seed_suffix_makes_a_name_too_long": (lambda b, c: ["--seed", "10", "12", "--path_to_save", c / ("m" * 230 + ".pth")],
+    "seed_suffix_makes_a_name_too_long": (lambda b, c: ["--seed", "10", "12", "--path_to_save",
+                                                        c / ("m" * 230 + ".pth")],
                                           "_s10.best.pth' is too long for the file system"),
     "folder_name_too_long": (lambda b, c: ["--path_to_save", c / ("d" * 300) / "m.pth"], "is too long for the file"),
     "model_and_result_are_one_file": (lambda b, c: ["--path_to_save", c / "run.json"],
@@ -325,13 +229,16 @@ OUTPUT_CASES = {
     "takd_reused_assistant_is_the_output": (lambda b, c: [*TAKD, "--saved_path", b / "teacher.pth", "--saved_ta_path",
                                                           c / "s.pth", "--path_to_save", c / "s.pth", "--overwrite"],
                                             "same path as the input --saved_ta_path"),
-    "tofd_aux_folder_is_the_teacher": (lambda b, c: ["--training_type", "tofd", "--saved_path", c / "s_tofd_teacher_aux",
+    "tofd_aux_folder_is_the_teacher": (lambda b, c: ["--training_type", "tofd", "--saved_path",
+                                                     c / "s_tofd_teacher_aux",
                                                      "--path_to_save", c / "s.pth"], "the heads folder '"),
     "mhkd_aux_folder_holds_the_teacher": (lambda b, c: ["--training_type", "mhkd", "--saved_path",
-                                                        c / "s_mhkd_teacher_aux" / "t.pth", "--path_to_save", c / "s.pth"],
+                                                        c / "s_mhkd_teacher_aux" / "t.pth", "--path_to_save",
+                                                        c / "s.pth"],
                                           "is a folder holding the input --saved_path"),
     "heads_output_holds_the_teacher": (lambda b, c: ["--training_type", "fine_tune", "--saved_path", c / "t.pth",
-                                                     "--path_to_save", c], "is a folder holding the input --saved_path"),
+                                                     "--path_to_save", c],
+                                       "is a folder holding the input --saved_path"),
     "heads_output_is_the_teacher": (lambda b, c: ["--training_type", "fine_tune", "--saved_path", b / "teacher.pth",
                                                   "--path_to_save", b / "teacher.pth"], "same path as the input"),
     "output_inside_the_heads_input": (lambda b, c: [*DIH, "--saved_path", b / "teacher.pth",
@@ -367,7 +274,8 @@ DAMAGE_CASES = {
     "head_bytes_flipped": (lambda b, c: heads_of(b, c), "head_2.pth' is corrupted"),
     "resume_state_bytes_flipped": (lambda b, c: [*KD, "--saved_path", b / "teacher.pth", *RESUME, c / "kd.pth"],
                                    "kd.state.pth' is corrupted"),
-    "assistant_bytes_flipped": (lambda b, c: [*TAKD, "--saved_path", b / "teacher.pth", "--saved_ta_path", c / "ta.pth"],
+    "assistant_bytes_flipped": (lambda b, c: [*TAKD, "--saved_path", b / "teacher.pth", "--saved_ta_path",
+                                              c / "ta.pth"],
                                 "--saved_ta_path checkpoint"),
     "evaluated_model_bytes_flipped": (lambda b, c: [*TEST, "--saved_path", c / "t.pth"], "t.pth' is corrupted"),
     "teacher_nan_weight": (lambda b, c: [*KD, "--saved_path", c / "t.pth"],
@@ -388,7 +296,8 @@ RECORD_CASES = {
     "tofd_folder_with_stray": (lambda b, c: ["--training_type", "tofd", "--saved_path", b / "teacher.pth",
                                              "--saved_tofd_directory", c / "heads"], "holds 'head_01.pth'"),
     "evaluated_heads_with_stray": (lambda b, c: [*TEST, "--saved_path", b / "teacher.pth",
-                                                 "--saved_intermediates_directory", c / "heads"], "holds 'head_002.pth'"),
+                                                 "--saved_intermediates_directory", c / "heads"],
+                                   "holds 'head_002.pth'"),
     "heads_of_other_teacher_architecture": (lambda b, c: heads_of(b, c), "with teacher_arch=res14, but"),
     "heads_of_other_dataset": (lambda b, c: heads_of(b, c), "with dataset=cifar10, but"),
     "heads_of_other_class_count": (lambda b, c: heads_of(b, c), "with num_classes=10, but"),
@@ -396,13 +305,15 @@ RECORD_CASES = {
     "heads_recording_fewer_heads": (lambda b, c: heads_of(b, c), "has an extra head_3.pth"),
     "heads_folder_is_a_file": (lambda b, c: [*DIH, "--saved_path", b / "teacher.pth", "--saved_intermediates_directory",
                                              b / "teacher.pth"], "is a file, not a folder of heads"),
-    "teacher_of_other_dataset": (lambda b, c: [*KD, "--saved_path", c / "t.pth"], "trained on cifar10, not on imagefolder"),
+    "teacher_of_other_dataset": (lambda b, c: [*KD, "--saved_path", c / "t.pth"],
+                                 "trained on cifar10, not on imagefolder"),
     "teacher_of_other_image_size": (lambda b, c: [*KD, "--saved_path", c / "t.pth"], "trained on 32px images"),
     "teacher_classes_checked_before_a_download": (lambda b, c: [*KD, "--dataset", "cifar100", "--data_dir", c / "none",
                                                                 "--saved_path", b / "teacher.pth"],
                                                   "trained for 4 classes, but the dataset has 100"),
     "evaluated_model_of_other_dataset": (lambda b, c: [*TEST, "--dataset", "synthetic", "--saved_path",
-                                                       b / "teacher.pth"], "trained for 4 classes, but the dataset has 10"),
+                                                       b / "teacher.pth"],
+                                         "trained for 4 classes, but the dataset has 10"),
 }
 
 # Resumes that would change what is trained, and data with a single class.
@@ -420,7 +331,8 @@ RESUME_CASES = {
 
 NEW_PREPARE = {
     "model_is_the_teacher": lambda b, c: copied(b / "teacher.pth", c / "t.pth"),
-    "model_is_the_teacher_through_a_link": lambda b, c: os.symlink(copied(b / "teacher.pth", c / "t.pth"), c / "link.pth"),
+    "model_is_the_teacher_through_a_link": lambda b, c: os.symlink(copied(b / "teacher.pth", c / "t.pth"),
+                                                                   c / "link.pth"),
     "model_is_the_teacher_through_dotdot": lambda b, c: copied(b / "teacher.pth", c / "t.pth"),
     "checkpoint_is_the_teacher": lambda b, c: copied(b / "teacher.pth", c / "t.state.pth"),
     "result_file_is_the_teacher": lambda b, c: copied(b / "teacher.pth", c / "m.json"),
@@ -445,7 +357,8 @@ NEW_PREPARE = {
     "assistant_bytes_flipped": lambda b, c: flipped(b / "teacher.pth", c / "ta.pth"),
     "evaluated_model_bytes_flipped": lambda b, c: flipped(b / "teacher.pth", c / "t.pth"),
     "teacher_nan_weight": lambda b, c: edited(b / "teacher.pth", c / "t.pth", {"fc.weight": float("nan")}),
-    "teacher_infinite_buffer": lambda b, c: edited(b / "teacher.pth", c / "t.pth", {"stem.1.running_var": float("inf")}),
+    "teacher_infinite_buffer": lambda b, c: edited(b / "teacher.pth", c / "t.pth",
+                                                   {"stem.1.running_var": float("inf")}),
     "foreign_teacher_nan_weight": lambda b, c: save({"state_dict": {**res_state("res8", 4), "fc.bias": torch.full(
         (4,), float("nan"))}}, c / "t.pth"),
     "head_nan_weight": lambda b, c: edited(b / "heads" / "head_3.pth", copy_heads(b, c) / "head_3.pth",

@@ -84,7 +84,7 @@ def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_checkpoint(dat
     assert "became NaN or infinite at epoch 2, batch 2" in line and "m.state.pth' is kept" in line
     locks = {name for name in seen["tree"] if name.endswith(".lock")}
     assert locks == {".m.pth.lock", ".m.best.pth.lock", ".m.state.pth.lock", ".m.json.lock"}, "the run's claim"
-    assert tree(tmp_path) == {k: v for k, v in seen["tree"].items() if k not in locks}, "nothing written after the fault"
+    assert tree(tmp_path) == {k: v for k, v in seen["tree"].items() if k not in locks}, "nothing written after it"
     assert set(seen["tree"]) - locks == {"m.state.pth", "m.best.pth"}
     state = torch.load(tmp_path / "m.state.pth", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["method"].values()
@@ -170,7 +170,8 @@ def one_error(capsys) -> str:
 
 
 def fake_teacher(path, arch="res8", poison=None) -> None:
-    """A res8 teacher file for the tiny image folder, written by the toolkit (``poison``: key -> value put in)."""
+    """A fresh ``arch`` teacher file for the tiny image folder, written by the toolkit (so its digest is valid),
+    with ``poison`` ({state-dict key: value}) put in the first element of those tensors."""
     model = build_model(arch, 4)
     record = model_record(model, arch, 4, "imagefolder", 16)
     for key, value in (poison or {}).items():
@@ -233,8 +234,8 @@ def test_non_finite_teacher_or_heads_are_refused_naming_the_file_and_the_tensor(
         heads[1].fc.bias[2] = float("inf")
     meta = heads_meta("res8", 4, 16, "imagefolder", mount_shapes(teacher, 16), fingerprint(teacher))
     save_heads(heads, tmp_path / "heads", meta, epoch=1, selected_on="last epoch", seed=5)
-    assert run_inprocess([*recipe(data), "--training_type", "dih", "--saved_path", tmp_path / "t.pth",
-                          "--saved_intermediates_directory", tmp_path / "heads", "--path_to_save", tmp_path / "s.pth"]) == 2
+    assert run_inprocess([*recipe(data), "--training_type", "dih", "--saved_path", tmp_path / "t.pth", "--path_to_save",
+                          tmp_path / "s.pth", "--saved_intermediates_directory", tmp_path / "heads"]) == 2
     assert "head_2.pth' holds non-finite weights: tensor 'fc.bias'" in one_error(capsys)
     assert not (tmp_path / "s.pth").exists()
 
