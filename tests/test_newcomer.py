@@ -20,10 +20,12 @@ SHORT = ["--dataset", "synthetic", "--train_subset", "100", "--epochs", "1", "--
 
 
 def settings(*argv):
+    """The console's typed settings for ``argv``."""
     return final_test.make_settings(final_test.build_parser().parse_args(list(argv)))
 
 
 def read(path):
+    """A result file."""
     return json.loads(Path(path).read_text())
 
 
@@ -41,6 +43,7 @@ def test_one_epoch_runs_without_a_schedule_and_prints_its_milestones(tmp_path, c
 
 
 def files(folder: Path) -> dict:
+    """Every path under ``folder`` with its modification time (empty when it does not exist)."""
     return {p: p.stat().st_mtime_ns for p in folder.rglob("*")} if folder.exists() else {}
 
 
@@ -53,6 +56,7 @@ def image_folder(tmp_path, monkeypatch):
 
 
 def image_run(folder, out, *extra):
+    """One epoch of res8 on the image folder through the console; its exit code."""
     return run_inprocess(["--dataset", "imagefolder", "--data_dir", folder, "--epochs", "1", "--seed", "3",
                           "--gpu_id", "cpu", "--training_type", "ce", "--teacher", "res8", "--path_to_save", out,
                           *extra])
@@ -81,11 +85,15 @@ def rerun_env(tmp_path) -> dict:
     """The environment of a shell whose ``python3`` is this interpreter."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python3").symlink_to(sys.executable)
+    # A wrapper, not a link: a virtual environment's interpreter finds its packages from its own path.
+    wrapper = bin_dir / "python3"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    wrapper.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 def assert_same_training(original: dict, again: dict) -> None:
+    """The two records trained alike, epoch by epoch."""
     for a, b in zip(original["history"], again["history"], strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         assert (b["train_top1"], b["test"]) == (a["train_top1"], a["test"])
