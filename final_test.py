@@ -89,13 +89,12 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     seeds = args.seed if t is not None else args.seed[:1]
     out = Path(args.path_to_save) if args.path_to_save else (
         default_output(t, cfg.models.teacher, cfg.models.student) if t else Path("."))
-    outputs = seed_outputs(out, seeds) if t else [(seeds[0], out)]
+    outputs = seed_outputs(out, seeds, t.output_is_dir) if t else [(seeds[0], out)]
     claim = check_before_data(t, cfg, outputs, dist)
     if args.concurrent_seeds > 1 and len(outputs) > 1:
         if dist.enabled:
             raise UserError("--concurrent_seeds starts processes of its own; launch it without torchrun")
-        print_summary(run_concurrently(t, sys.argv[1:] if argv is None else list(argv), outputs,
-                                       args.concurrent_seeds), seeds)
+        print_summary(run_concurrently(t, argv, outputs, args.concurrent_seeds), seeds)
         return 0
     data = load_data(cfg, data_cache)
     distributed.check_world(dist, data, cfg.data.batch_size, device, cfg.run.sync_bn)

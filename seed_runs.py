@@ -14,10 +14,13 @@ from run_state import seed_everything
 from settings import Settings
 
 
-def seed_output(path: Path, seed: int, several: bool) -> Path:
-    """The output of one seed: ``runs/x.pth`` becomes ``runs/x_s30.pth`` when several seeds run."""
+def seed_output(path: Path, seed: int, several: bool, is_dir: bool = False) -> Path:
+    """The output of one seed when several run: ``runs/x.pth`` becomes ``runs/x_s30.pth``, a folder
+    ``runs/heads_lr0.1`` becomes ``runs/heads_lr0.1_s30`` (a folder's name has no suffix to keep)."""
     if not several:
         return path
+    if is_dir:
+        return path.with_name(f"{path.name}_s{seed}")
     return path.with_name(f"{path.stem}_s{seed}{path.suffix}")
 
 
@@ -27,9 +30,9 @@ def default_output(t: TrainingType, teacher: str, student: str) -> Path:
     return Path("runs") / (f"{arch}_heads" if t.output_is_dir else f"{t.name}_{arch}.pth")
 
 
-def seed_outputs(out: Path, seeds: list) -> list:
-    """(seed, output) of every seed of the command."""
-    return [(seed, seed_output(out, seed, len(seeds) > 1)) for seed in seeds]
+def seed_outputs(out: Path, seeds: list, is_dir: bool = False) -> list:
+    """(seed, output) of every seed of the command (``is_dir``: the outputs are folders)."""
+    return [(seed, seed_output(out, seed, len(seeds) > 1, is_dir)) for seed in seeds]
 
 
 def check_before_data(t: TrainingType | None, cfg: Settings, outputs: list, dist: Dist):

@@ -3,10 +3,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 from console import ROOT, TINY
+from seed_runs import seed_outputs
 
 
 def console(args, cwd):
@@ -41,3 +43,9 @@ def test_concurrent_seeds_refuses_existing_outputs_before_starting(tmp_path):
                     "--path_to_save", tmp_path / "m.pth"], tmp_path)
     assert done.returncode == 2 and "already exists" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m_s4.pth"]
+
+
+def test_a_heads_folder_with_a_dot_keeps_its_name_per_seed():
+    assert seed_outputs(Path("runs/heads_lr0.1"), [30, 50], is_dir=True) == [
+        (30, Path("runs/heads_lr0.1_s30")), (50, Path("runs/heads_lr0.1_s50"))]
+    assert seed_outputs(Path("runs/kd.pth"), [30, 50]) == [(30, Path("runs/kd_s30.pth")), (50, Path("runs/kd_s50.pth"))]
