@@ -1,5 +1,33 @@
-"""Make the repository importable from tests, whatever the working directory."""
+"""Shared test set-up: the repository importable from any working directory, and one CPU thread.
+
+Fixtures that several modules need live here; each module keeps only what is its own.
+"""
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Every in-process run trains with one intra-op thread: results are deterministic across machines, and
+    on a small shared CPU one thread is much faster than torch's default (docs/BENCHMARKS.md)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A res14 teacher and its three heads trained by the console on the tiny recipe (console.TINY), once per
+    test run: ``folder/teacher.pth`` and ``folder/heads``. Tests read them and never write into the folder."""
+    from console import TINY, run_inprocess
+    folder = tmp_path_factory.mktemp("tiny_teacher")
+    assert run_inprocess([*TINY, "--training_type", "ce", "--path_to_save", folder / "teacher.pth"]) == 0
+    assert run_inprocess([*TINY, "--training_type", "fine_tune", "--saved_path", folder / "teacher.pth",
+                          "--path_to_save", folder / "heads"]) == 0
+    return folder

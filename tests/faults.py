@@ -13,8 +13,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 from checkpoints import safe_load
@@ -117,12 +115,3 @@ def kill_after_first_epoch(args, cwd, state: Path) -> dict:
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     return safe_load(state, "state")
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Train with one intra-op thread for the module's duration (see ``start``), then restore the count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

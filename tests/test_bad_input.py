@@ -13,11 +13,11 @@ import pytest
 import train_kd
 from bad_inputs import CASES, PREPARE, edited
 from console import run_inprocess
-from faults import make_imagefolder, one_thread, recipe, start, tree  # noqa: F401
+from faults import make_imagefolder, recipe, start, tree
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, one_thread):
+def base(tmp_path_factory):
     """Data, a teacher, its heads, a perturbed copy of the teacher, and a KD run interrupted in epoch 2."""
     base = tmp_path_factory.mktemp("bad")
     data = make_imagefolder(base / "data")

@@ -21,7 +21,7 @@ from checkpoints import DIGEST_KEY, FORMAT, atomic_save, load_model_file, model_
 from console import ROOT, run_inprocess
 from dih_utils import build_heads, fingerprint, heads_meta, list_heads, load_heads, mount_shapes, save_heads
 from errors import UserError
-from faults import flip_tensor_byte, hold_lock, make_imagefolder, one_thread, recipe  # noqa: F401
+from faults import flip_tensor_byte, hold_lock, make_imagefolder, recipe
 from models_repo import build_model
 from output_lock import OutputLock, lock_file, remove_stray_temps
 
@@ -331,7 +331,7 @@ def test_teachers_that_do_not_fit_are_refused_naming_the_first_mismatch(tmp_path
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
-def test_console_evaluates_a_module_prefixed_teacher_like_the_original(tmp_path, one_thread, capsys):
+def test_console_evaluates_a_module_prefixed_teacher_like_the_original(tmp_path, capsys):
     data = make_imagefolder(tmp_path / "data")
     args = [*recipe(data, epochs=1), "--training_type", "ce", "--path_to_save", tmp_path / "t.pth"]
     assert run_inprocess(args) == 0

@@ -20,12 +20,12 @@ import train_ce
 from checkpoints import atomic_save, model_record
 from console import TINY, run_inprocess
 from dih_utils import build_heads, fingerprint, heads_meta, mount_shapes, save_heads
-from faults import flip_tensor_byte, make_imagefolder, one_thread, recipe, start, tree, wait_for_state  # noqa: F401
+from faults import flip_tensor_byte, make_imagefolder, recipe, start, tree, wait_for_state
 from models_repo import build_model
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, one_thread):
+def data(tmp_path_factory):
     """The tiny image-folder dataset (its decoding cache written once, here)."""
     return make_imagefolder(tmp_path_factory.mktemp("faults") / "data")
 

@@ -1,6 +1,7 @@
 """The method's four commands, shrunk, end to end; and what DIH must guarantee while it trains."""
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -18,13 +19,15 @@ from train_kd import Distillation, kd_objective
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Teacher, heads, KD student and DIH student trained by the console, as a user would."""
+def runs(tmp_path_factory, tiny_teacher):
+    """The session's teacher and heads (conftest), then KD and DIH students trained by the console, as a user
+    would, in one folder."""
     out = tmp_path_factory.mktemp("runs")
+    for name in ("teacher.pth", "teacher.json"):
+        shutil.copy(tiny_teacher / name, out / name)
+    shutil.copytree(tiny_teacher / "heads", out / "headers")
     teacher, heads = out / "teacher.pth", out / "headers"
     commands = [
-        ["--training_type", "ce", "--path_to_save", teacher],
-        ["--training_type", "fine_tune", "--saved_path", teacher, "--path_to_save", heads],
         ["--training_type", "kd", "--saved_path", teacher, "--path_to_save", out / "res8_kd.pth",
          "--kd_alpha", "0.1", "--kd_temperature", "5"],
         ["--saved_path", teacher, "--saved_intermediates_directory", heads, "--alpha", "0.1", "--temperature", "5",

@@ -13,7 +13,7 @@ import torch
 
 from registry import REGISTRY
 from console import run_inprocess
-from faults import kill_after_first_epoch, make_imagefolder, one_thread, recipe, start, wait_for_state  # noqa: F401
+from faults import kill_after_first_epoch, make_imagefolder, recipe, start, wait_for_state
 
 # The feature baseline tested: CRD when registered (it is, at the time of writing), else AT or FitNets.
 FEATURE = next(t for t in ("crd", "at", "fitnets") if t in REGISTRY)
@@ -81,7 +81,7 @@ def sigterm_after_first_epoch(args, cwd, state):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, one_thread):
+def world(tmp_path_factory):
     """Teacher and heads; every killed run, started at once in the background; the references in-process."""
     base = tmp_path_factory.mktemp("resume")
     make_imagefolder(base / "data")
