@@ -2,12 +2,16 @@
 
 Fixtures that several modules need live here; each module keeps only what is its own.
 """
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Console processes the tests start inherit one thread too: on a small shared CPU torch's default thread
+# count makes a process many times slower (docs/BENCHMARKS.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,3 +35,8 @@ def tiny_teacher(tmp_path_factory):
     assert run_inprocess([*TINY, "--training_type", "fine_tune", "--saved_path", folder / "teacher.pth",
                           "--path_to_save", folder / "heads"]) == 0
     return folder
+
+
+def pytest_configure(config):
+    """``slow``: tests over a minute; CI and the README's command run them, ``-m "not slow"`` skips them."""
+    config.addinivalue_line("markers", "slow: takes over a minute (deselect with -m 'not slow' while iterating)")
