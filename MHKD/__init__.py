@@ -1,1 +1,2 @@
-"""MHKD: multi-head knowledge distillation (``--training_type mhkd``, or ``MHKD/mhkd_training.py``)."""
+"""MHKD: multi-head knowledge distillation (``--training_type mhkd``, or ``MHKD/mhkd_training.py``, also named
+``MHKD/train_mhkd.py``)."""

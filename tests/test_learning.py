@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 
 import dataload
-import training_types  # noqa: F401  (fills the registry)
 import train_funcs
+import training_types  # noqa: F401  (fills the registry)
 from console import data_loaded_once, run_inprocess
 from KD_Loss import at_loss, kd_kl_term, soft_kl
 from registry import REGISTRY
 from TOFD.tofd import classifier_outputs, kd_temperature, soft_cross_entropy
 
-# Generated data: 10 classes, so chance is 10%; a run must end at least this far above it.
+# Generated data: 10 classes, so chance is 10%; a run must end at twice that or more.
 CHANCE, MIN_TOP1 = 10.0, 20.0
 # A term has fallen when its value after training is at most this fraction of its value before.
 FALLEN = 0.8
@@ -120,7 +120,8 @@ CHECKS = {
                        ("--epochs", "2", "--schedule", "1", "--lr", "0.001")),
     "kd": Check({"kd": {"KL to the teacher": distillation_term}}),
     "dih": Check({"dih": {"KL to the cohort, summed": distillation_term}}),
-    # NCKD weight 2: mdistiller's setting for CIFAR ResNet pairs (its default 8 is for other pairs).
+    # NCKD weight 2 (mdistiller's for res110 -> res32): with the default 8 this run's NCKD rises (2.13 -> 3.04)
+    # while TCKD falls, at lr 0.1 within the warm-up; with 2 both fall.
     "dkd": Check({"dkd": {"TCKD + NCKD to the teacher": distillation_term}}, ("--dkd_beta", "2")),
     "dist": Check({"dist": {"inter + intra to the teacher": distillation_term}}),
     "fitnets": Check({"fitnets_1": {"hint loss": own_objective}}, ("--epochs_fitnets_1", "2")),

@@ -74,7 +74,8 @@ cifar.check_integrity = lambda path, md5=None: os.path.isfile(path)
 
 
 def write_tiny_cifar100(folder: Path) -> None:
-    """``folder/cifar-100-python``: train and test batches of random pixels (labels cycling through the classes), and meta."""
+    """``folder/cifar-100-python``: train and test batches of random pixels (labels cycling through the
+    classes), and meta."""
     rng = np.random.default_rng(0)
     for name, n in (("train", TRAIN_IMAGES), ("test", TEST_IMAGES)):
         labels = (np.arange(n) % 100).tolist()
@@ -119,7 +120,8 @@ def root(tmp_path_factory):
     return root
 
 
-# About 110 s on 2 busy CPU cores (res110 on a CPU: 27 training phases in 9 processes); CI runs it like any other test.
+# About 105 s on 2 busy CPU cores (res110 on a CPU: 27 training phases in 9 processes); CI runs it like
+# any other test.
 @pytest.mark.slow
 def test_the_seed_commands_run_verbatim(root):
     for folder, line, extra, training_type, results in COMMANDS:
