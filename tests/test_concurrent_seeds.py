@@ -23,7 +23,7 @@ def weights(path):
 
 
 def test_concurrent_seeds_equal_the_sequential_runs(tmp_path):
-    base = [*TINY, "--training_type", "ce", "--train_subset", "200", "--seed", "3", "4"]
+    base = [*TINY, "--training_type", "ce", "--teacher", "res8", "--train_subset", "100", "--seed", "3", "4"]
     one_by_one = console([*base, "--path_to_save", tmp_path / "seq" / "m.pth"], tmp_path)
     together = console([*base, "--path_to_save", tmp_path / "par" / "m.pth", "--concurrent_seeds", "2"], tmp_path)
     assert one_by_one.returncode == 0 and together.returncode == 0, together.stderr[-2000:]

@@ -24,6 +24,7 @@ import os
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -120,20 +121,30 @@ def root(tmp_path_factory):
     return root
 
 
-# About 105 s on 2 busy CPU cores (res110 on a CPU: 27 training phases in 9 processes); CI runs it like
-# any other test.
+def run_and_check(root: Path, folder: str, line: str, extra: list, training_type: str, results: list) -> None:
+    """Run one command as typed and check that it completed and recorded the flags it typed."""
+    appended = SHRINK + extra
+    done = run_typed(line, ROOT / folder, root / folder, appended, root / "site")
+    assert done.returncode == 0, f"`{line}` (in {folder}/) failed:\n{done.stderr[-3000:]}"
+    # A command of several seeds writes one output per seed (``_s<seed>``): its files say so, not its flags.
+    expected = typed_values(line, {a.lstrip("-") for a in appended if a.startswith("--")} | {"path_to_save"})
+    for result in results:
+        record = json.loads((root / folder / result).read_text())
+        assert record["complete"] and record["training_type"] == training_type, result
+        recorded = {dest: record["args"][dest] for dest in expected}
+        assert recorded == expected, f"{result} recorded other values than `{line}` typed"
+
+
+# About a minute and a half on 2 busy CPU cores (res110 on a CPU: 27 training phases in 9 processes); CI
+# runs it like any other test. The teacher and its heads come first; the students, which only read them,
+# run two at a time (one process per core).
 @pytest.mark.slow
 def test_the_seed_commands_run_verbatim(root):
-    for folder, line, extra, training_type, results in COMMANDS:
-        appended = SHRINK + extra
-        done = run_typed(line, ROOT / folder, root / folder, appended, root / "site")
-        assert done.returncode == 0, f"`{line}` (in {folder}/) failed:\n{done.stderr[-3000:]}"
-        # A command of several seeds writes one output per seed (``_s<seed>``): its files say so, not its flags.
-        expected = typed_values(line, {a.lstrip("-") for a in appended if a.startswith("--")} | {"path_to_save"})
-        for result in results:
-            record = json.loads((root / folder / result).read_text())
-            assert record["complete"] and record["training_type"] == training_type, result
-            recorded = {dest: record["args"][dest] for dest in expected}
-            assert recorded == expected, f"{result} recorded other values than `{line}` typed"
+    teacher, heads, *students = COMMANDS
+    for command in (teacher, heads):
+        run_and_check(root, *command)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for done in [pool.submit(run_and_check, root, *command) for command in students]:
+            done.result()
     dih = json.loads((root / "runs" / "dih_model.json").read_text())
     assert dih["meta"]["num_heads"] == 3, "the DIH command distilled from res110's three heads"
