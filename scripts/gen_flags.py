@@ -21,7 +21,7 @@ HEADER = """\
      Regenerate with `python3 scripts/gen_flags.py`; tests/test_docs.py fails when this page is stale. -->
 
 Every flag of the console, by argument group, as `python3 final_test.py --help` prints them. The scripts
-`CRD/train_student.py`, `TOFD/tofd_train.py` and `MHKD/mhkd_training.py` take the same flags with
+`CRD/train_student.py`, `TOFD/tofd_train.py` and `MHKD/mhkd_training.py` (also `MHKD/train_mhkd.py`) take the same flags with
 `--training_type` fixed. Flags that take a truth value (`--nesterov`, `--nesterov_fitnets_1`) accept
 `True/False`, `1/0` or `yes/no` in any case and reject anything else. Every bad value ends with one
 sentence on stderr and exit code 2 before anything is trained or written
