@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -179,19 +180,25 @@ def test_each_console_type_trains_and_exports_a_plain_student(runs):
     assert crd["nce_k"] == 90  # 100 samples, 10 per class: capped at the samples of other classes
 
 
+def run_script(runs, kind: str, script: str) -> None:
+    """One per-method script on the module's teacher (reusing its tuned heads), checked."""
+    reuse = [f"--saved_{kind}_directory", runs / f"{kind}_{kind}_teacher_aux"] if kind != "crd" else []
+    result = run_subprocess([*FAST, "--saved_path", runs / "teacher.pth", "--path_to_save", runs / f"s_{kind}.pth",
+                             "--alpha", "0.1", "--beta", "0.03", "--temperature", "5", *reuse], cwd=runs, script=script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((runs / f"s_{kind}.json").read_text())
+    assert record["training_type"] == kind and record["meta"]["beta"] == 0.03
+    if kind == "crd":
+        assert "[crd] memory banks: 2 x 100 samples x 128 float32" in result.stdout
+    else:
+        assert "reusing the teacher's" in result.stdout and f"[{kind}_teacher]" not in result.stdout
+
+
 def test_scripts_run_the_same_methods_and_reuse_the_teachers_heads(runs):
-    for kind, script in SCRIPTS.items():
-        reuse = [f"--saved_{kind}_directory", runs / f"{kind}_{kind}_teacher_aux"] if kind != "crd" else []
-        result = run_subprocess([*FAST, "--saved_path", runs / "teacher.pth", "--path_to_save", runs / f"s_{kind}.pth",
-                                 "--alpha", "0.1", "--beta", "0.03", "--temperature", "5", *reuse], cwd=runs,
-                                script=script)
-        assert result.returncode == 0, result.stderr[-2000:]
-        record = json.loads((runs / f"s_{kind}.json").read_text())
-        assert record["training_type"] == kind and record["meta"]["beta"] == 0.03
-        if kind == "crd":
-            assert "[crd] memory banks: 2 x 100 samples x 128 float32" in result.stdout
-        else:
-            assert "reusing the teacher's" in result.stdout and f"[{kind}_teacher]" not in result.stdout
+    # Independent processes, two at a time (one per core).
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for done in [pool.submit(run_script, runs, kind, script) for kind, script in SCRIPTS.items()]:
+            done.result()
 
 
 def test_beta_has_a_default_per_method():
