@@ -185,6 +185,10 @@ def test_resume_refuses_a_changed_own_flag_or_logit_std(kind, teacher, tmp_path,
     assert run_inprocess(argv) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["complete"] and record["phase"] == kind
+    # DKD's default 20-epoch warm-up outlasts the short run, and the console says so.
+    epochs = record["args"]["epochs"]
+    note = f"the 20-epoch warm-up is longer than the {epochs}-epoch run; the distillation terms reach {epochs / 20:.0%}"
+    assert (note in capsys.readouterr().out) == (kind == "dkd")
     # The temperature is given, so that only the flag under test changes.
     flag = {"dkd": ["--dkd_beta", "2"], "dist": ["--dist_beta", "2"]}[kind]
     temperature = ["--kd_temperature", str(record["args"]["kd_temperature"])]
