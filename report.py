@@ -1,6 +1,6 @@
 """Tables and plots from result files, as papers report them.
 
-    python3 report.py RUN_FOLDER [RUN_FOLDER ...] [--out PATH] [--plots]
+    python3 report.py RUN_FOLDER [RUN_FOLDER ...] [--out PATH] [--plots] [--against ROW]
 
 Reads every result file (the ``*.json`` the training loop writes) under the folders, recursively, prints
 the table as Markdown and writes ``<out>.md`` and ``<out>.csv`` (default ``<first folder>/report``); with
@@ -38,6 +38,7 @@ from errors import UserError
 from flags import HelpFormatter, Parser
 from report_model import (MANIFEST_KIND, PROTOCOL, SELECTIONS, Cell, Incomplete, Pair, Result, Row, Table,
                           format_cell, row_title, summary)
+from report_compare import comparison_lines
 from report_plots import write_plots
 from registry import REGISTRY
 # ----------------------------------------------------------------------------- reading
@@ -237,12 +238,13 @@ def csv_text(table: Table) -> str:
     return buffer.getvalue()
 
 
-def write_report(folders, out: Path, plots: bool = False) -> str:
-    """Build the table from ``folders``, write ``<out>.md``, ``<out>.csv`` (and plots); return the Markdown."""
+def write_report(folders, out: Path, plots: bool = False, against: str | None = None) -> str:
+    """Build the table from ``folders``, write ``<out>.md``, ``<out>.csv`` (and plots); return the Markdown.
+    ``against``: a row label; the Markdown then ends with each method's difference from that row."""
     table = build_table(folders)
+    text = markdown(table) + ("\n".join(["", *comparison_lines(table, against)]) if against else "")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(table)
     written = [out.with_name(out.name + ".md"), out.with_name(out.name + ".csv")]
     written[0].write_text(text, encoding="utf-8")
     written[1].write_text(csv_text(table), encoding="utf-8")
@@ -258,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folders", nargs="+", metavar="RUN_FOLDER", help="folders searched recursively for result files")
     p.add_argument("--out", default=None, help="output path without extension (default: <first RUN_FOLDER>/report)")
     p.add_argument("--plots", action="store_true", help="also write the per-epoch and by-depth plots as PNG")
+    p.add_argument("--against", metavar="ROW", default=None,
+                   help="also list each method's difference from the row labelled ROW (e.g. kd) and whether it "
+                        "exceeds the spread across seeds")
     return p
 
 
@@ -266,7 +271,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out) if args.out else Path(args.folders[0]) / "report"
     try:
-        print(write_report(args.folders, out, args.plots))
+        print(write_report(args.folders, out, args.plots, args.against))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import dataload
 import final_test
 import pipeline
 import report
+import report_compare
 import run_state
 import train_funcs
 from console_flags import DEFAULT_METHODS
@@ -340,6 +341,32 @@ def test_report_table_by_hand(records, tmp_path, capsys):
     single = next(r for r in rows if (r["student"], r["row"]) == ("res8", "fitnets"))
     assert single["std"] == "" and single["n"] == "1"
     assert not any(r["row"] == "dih" and "99" in r["values"] for r in rows)
+
+
+def test_report_against_a_row_judges_differences_by_the_seed_spread(records, tmp_path, capsys):
+    a, b = records
+    assert report.main([str(a), str(b), "--out", str(tmp_path / "t"), "--against", "kd"]) == 0
+    text = (tmp_path / "t.md").read_text()
+    assert capsys.readouterr().out.startswith(text)
+    section = text[text.index("## Differences from kd"):]
+    assert "synthetic: res110 → res8; kd: 71.33 ± 1.53 (n=3)" in section
+    rows = {cells[0]: cells[1:] for cells in (line.strip("| ").split(" | ") for line in section.splitlines()
+                                              if line.startswith("| ") and not line.startswith("| row"))}
+    (kd_mean, kd_std), (dih_mean, dih_std) = mean_std([70.0, 71.0, 73.0]), mean_std([74.0, 75.0])
+    # Welch by hand: t = difference / sqrt(s1^2/n1 + s2^2/n2), Welch-Satterthwaite degrees of freedom.
+    v1, v2 = dih_std ** 2 / 2, kd_std ** 2 / 3
+    t, df = (dih_mean - kd_mean) / math.sqrt(v1 + v2), (v1 + v2) ** 2 / (v1 ** 2 / 1 + v2 ** 2 / 2)
+    assert dih_mean - kd_mean > dih_std + kd_std  # 3.17 > 0.71 + 1.53: the intervals do not overlap
+    assert rows["dih"] == [f"{dih_mean:.2f} (n=2)", f"+{dih_mean - kd_mean:.2f}", f"{dih_std:.2f}", "**beyond**",
+                           f"+{t:.2f} ({df:.1f})"]
+    assert rows["fitnets"][3:] == ["not judged (n=1)", "-"]
+    assert "kd" not in rows and "teacher" not in rows
+    # Columns without a kd row (cifar10) get no comparison; overlapping intervals are "within".
+    assert "cifar10: res110 → res8" not in section
+    assert report_compare.beyond_spread([1.0, 2.0, 3.0], [2.0, 3.0, 4.0]) is False
+    assert report.main([str(a), "--out", str(tmp_path / "u"), "--against", "kd2"]) == 2
+    assert "error: --against 'kd2' names no row of the table; its method rows: 'ce (student alone)', 'kd'" \
+        in capsys.readouterr().err
 
 
 def test_report_plots_are_pngs(records, tmp_path):

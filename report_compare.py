@@ -1,0 +1,62 @@
+"""Which differences between a report's rows exceed the spread across seeds (``report.py --against ROW``).
+
+For each column that has the reference row, every other method row gets the difference of the means, the two
+standard deviations, and a verdict: a difference is *beyond the seed spread* when both rows have at least
+two runs and the two intervals mean ± std do not overlap (|difference| > std + std of the reference). Welch's
+t statistic and its Welch-Satterthwaite degrees of freedom are printed beside it, without a p-value: three
+seeds make any test weak, and the verdict above is the stated criterion.
+"""
+import math
+
+from errors import UserError
+from report_model import Table, format_cell, summary
+
+VERDICTS = {True: "**beyond**", False: "within", None: "not judged (n=1)"}
+
+
+def welch(a: list, b: list) -> tuple:
+    """(t, degrees of freedom) of Welch's unequal-variance t test of mean(a) - mean(b); (None, None) when either
+    has a single value or both have no spread."""
+    (ma, sa, na), (mb, sb, nb) = summary(a), summary(b)
+    if sa is None or sb is None or sa == sb == 0:
+        return None, None
+    va, vb = sa * sa / na, sb * sb / nb
+    df = (va + vb) ** 2 / (va * va / (na - 1) + vb * vb / (nb - 1))
+    return (ma - mb) / math.sqrt(va + vb), df
+
+
+def beyond_spread(a: list, b: list) -> bool | None:
+    """Whether the intervals mean ± sample std of ``a`` and ``b`` do not overlap; None if either has n=1."""
+    (ma, sa, _), (mb, sb, _) = summary(a), summary(b)
+    if sa is None or sb is None:
+        return None
+    return abs(ma - mb) > sa + sb
+
+
+def comparison_lines(table: Table, against: str, selection: str = "last") -> list:
+    """Markdown: per column, each method row's difference from the row labelled ``against`` (test top-1)."""
+    rows = table.rows()
+    reference = next((row for row in rows if row.label == against), None)
+    if reference is None:
+        labels = ", ".join(f"'{row.label}'" for row in rows if row.is_method)
+        raise UserError(f"--against '{against}' names no row of the table; its method rows: {labels}")
+    out = [f"## Differences from {against} (test top-1, last epoch)", "",
+           f"Beyond the seed spread: both rows have n >= 2 and |difference| > std + std ({against}), that is, "
+           "the intervals mean ± std do not overlap. Welch's t and its degrees of freedom are for reference.", ""]
+    for pair in table.pairs:
+        if (reference, pair) not in table.cells:
+            continue
+        ref = table.cells[(reference, pair)].values(selection)
+        out += [f"{pair.title()}; {against}: {format_cell(ref)}", "", "| row | mean | difference | std | beyond the seed spread? | Welch t (df) |",
+                "|---|---|---|---|---|---|"]
+        for row in rows:
+            values = table.cells[(row, pair)].values(selection) if (row, pair) in table.cells else []
+            if not row.is_method or row == reference or not values:
+                continue
+            (mean, std, n), ref_mean = summary(values), summary(ref)[0]
+            t, df = welch(values, ref)
+            out.append(f"| {row.label} | {mean:.2f} (n={n}) | {mean - ref_mean:+.2f} | "
+                       f"{'-' if std is None else f'{std:.2f}'} | {VERDICTS[beyond_spread(values, ref)]} | "
+                       f"{'-' if t is None else f'{t:+.2f} ({df:.1f})'} |")
+        out.append("")
+    return out
