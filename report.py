@@ -19,8 +19,9 @@ The rules, stated again under every table:
 - only a method's final phase counts (``FINAL_PHASE``; otherwise the phase named after the training
   type): FitNets stage 1 (``fitnets_1``), TAKD's assistant (``takd_ta``) and the heads TOFD/MHKD fine-tune on
   the teacher (``tofd_teacher``, ``mhkd_teacher``) are intermediate stages, counted but never averaged;
-- runs of one row whose training flags differ (``config_keys``: the flags that change what the method
-  trains) are separate rows, labelled with those flags;
+- each objective (the type's report label: ``dih``, ``dih +LS``, ``DIH[DKD]``) is a row; its runs whose
+  training flags differ (``config_keys``: the flags that change what the method trains) are separate rows,
+  labelled with those flags;
 - a cell is the mean and sample standard deviation of test top-1 over the complete runs, with their
   number n; incomplete runs (a checkpoint without a complete result, or ``complete: false``) are listed
   under the table and never averaged.
@@ -165,16 +166,18 @@ def build_table(folders) -> Table:
     cells, used = {}, set()
     for pair in pairs:
         grouped = defaultdict(list)
+        # Runs whose objectives have different titles (dih, dih +LS, DIH[DKD]) are rows of their own; only
+        # the flags that differ among runs of one title label their rows.
         for kind, index, r, last, best in own_entries(pair, results):
-            grouped[(kind, index)].append((r, last, best))
-        for (kind, index), entries in grouped.items():
+            grouped[(kind, index, row_title(r) if kind != "head" else "")].append((r, last, best))
+        for (kind, index, title), entries in grouped.items():
             labels = differing_flags(list(dict.fromkeys(r.config() for r, _, _ in entries)))
             for r, last, best in entries:
-                row = Row(kind, index, flags=labels[r.config()], title=row_title(r) if kind != "head" else "")
+                row = Row(kind, index, flags=labels[r.config()], title=title)
                 cells.setdefault((row, pair), Cell()).add(
                     r.record.get("seed"), last, best, r)
                 used.add(r.path)
-        missing = {k for k in ("teacher", "head") if not any(kind == k for kind, _ in grouped)}
+        missing = {k for k in ("teacher", "head") if not any(key[0] == k for key in grouped)}
         for kind, index, last in frozen_entries(pair, results, missing):
             cells.setdefault((Row(kind, index, frozen=True), pair), Cell()).add(None, last, None)
     intermediate = Counter(r.phase for r in results if not r.is_final)

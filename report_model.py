@@ -23,8 +23,8 @@ PROTOCOL = (
     "the frozen checkpoints' test accuracy measured inside the KD/DIH runs that used them (one value per "
     "distinct checkpoint; their training records were not among the folders). Two-phase methods count "
     "their final student only (FitNets stage 2, the TAKD student); intermediate phases are listed, never "
-    "averaged. Runs whose training flags differ are separate rows, labelled with the differing flags. "
-    "Incomplete runs are listed and never averaged.")
+    "averaged. Each objective (dih, dih +LS, DIH[DKD], ...) is a row; its runs whose training flags differ "
+    "are separate rows, labelled with the differing flags. Incomplete runs are listed and never averaged.")
 
 
 @dataclass(frozen=True)
@@ -142,12 +142,12 @@ class Row:
         return name + (" (frozen)" if self.frozen else "") + (f" [{self.flags}]" if self.flags else "")
 
     def order(self) -> tuple:
-        """Teacher, heads by depth, then the methods in the registry's report order."""
+        """Teacher, heads by depth, then the methods in the registry's report order (variants by title)."""
         group = {"teacher": 0, "head": 1}.get(self.kind)
         if group is None:
             t = REGISTRY.get(self.kind)
             group = 2 + (t.report_order if t else 10 ** 6)
-        return group, self.index, self.frozen, self.kind, self.flags
+        return group, self.index, self.frozen, self.kind, self.title.casefold(), self.flags
 
     @property
     def is_method(self) -> bool:

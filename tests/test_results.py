@@ -369,6 +369,19 @@ def test_report_against_a_row_judges_differences_by_the_seed_spread(records, tmp
         in capsys.readouterr().err
 
 
+def test_report_rows_are_the_objectives_each_labelled_by_what_differs_within_it(tmp_path):
+    variants = [("dih", {}, 60.0), ("dih +LS", {"logit_std": True, "kd_temperature": 2.0}, 61.0),
+                ("DIH[DKD] [dkd_warmup=1]", {"cohort_loss": "dkd", "dkd_warmup": 1}, 62.0),
+                ("DIH[DKD] [dkd_warmup=20]", {"cohort_loss": "dkd", "dkd_warmup": 20}, 63.0)]
+    for i, (_, flags, top1) in enumerate(variants):
+        args = {"cohort_loss": "kd", "logit_std": False, "kd_temperature": 5.0, "dkd_warmup": 20, **flags}
+        write(tmp_path / "r" / f"dih_{i}.json", fake("dih", 30, top1, **args))
+    assert report.main([str(tmp_path / "r"), "--out", str(tmp_path / "t")]) == 0
+    rows = markdown_rows((tmp_path / "t.md").read_text(), "last epoch")
+    assert [(label, cells[0]) for label, cells in rows.items() if label.lower().startswith("dih")] == \
+        [(label, f"{top1:.2f} (n=1)") for label, _, top1 in variants]
+
+
 def test_report_plots_are_pngs(records, tmp_path):
     a, b = records
     out = tmp_path / "plots" / "r"
