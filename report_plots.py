@@ -6,26 +6,42 @@ from evaluation import headline
 from report_model import Pair, Table, summary
 
 
+# Matplotlib's default cycle has ten colours; further series repeat them with another dash pattern.
+DASHES = ("-", "--", "-.", ":")
+
+
+def series_style(i: int, first_dash: int = 0) -> dict:
+    """Colour and dash of the ``i``-th series, distinct for the first 40."""
+    return {"color": f"C{i % 10}", "linestyle": DASHES[(first_dash + i // 10) % len(DASHES)]}
+
+
+def finish_axes(fig, ax, path: Path) -> None:
+    """Grid, the legend outside the axes (many rows would hide the data), and the file."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
 def plot_curves(table: Table, pair: Pair, path: Path, plt) -> bool:
     """Test top-1 per epoch of every method of ``pair``: mean over seeds, min-max band. False if none."""
     import numpy as np
     from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(8, 5))
     longest = 0
-    for row in table.rows():
-        cell = table.cells.get((row, pair))
-        if cell is None or not row.is_method:
-            continue
+    methods = [row for row in table.rows() if row.is_method and (row, pair) in table.cells]
+    for i, row in enumerate(methods):
+        cell = table.cells[(row, pair)]
         curves = [[headline(e["test"]) for e in r.record.get("history", [])] for r in cell.results()]
         length = min(map(len, curves))
         if not length:
             continue
         values = np.array([c[:length] for c in curves])
         x = np.arange(1, length + 1)
-        line, = ax.plot(x, values.mean(axis=0), marker="o" if length <= 30 else None, markersize=3,
-                        label=f"{row.label} (n={len(curves)})")
+        style = series_style(i)
+        ax.plot(x, values.mean(axis=0), marker="o" if length <= 30 else None, markersize=3,
+                label=f"{row.label} (n={len(curves)})", **style)
         if len(curves) > 1:
-            ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+            ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=style["color"], alpha=0.15)
         longest = max(longest, length)
     for row in table.rows():
         if row.kind == "teacher" and (row, pair) in table.cells:
@@ -35,11 +51,8 @@ def plot_curves(table: Table, pair: Pair, path: Path, plt) -> bool:
            title=f"{pair.title()}: test top-1 per epoch\n(line: mean over seeds; band: min-max)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(0.5, longest + 0.5)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
     if longest:
-        fig.savefig(path, dpi=120)
+        finish_axes(fig, ax, path)
     plt.close(fig)
     return longest > 0
 
@@ -61,14 +74,11 @@ def plot_depth(table: Table, pair: Pair, path: Path, plt) -> bool:
                 color="black", capsize=4, label=f"{pair.teacher}: heads by depth, then the teacher")
     for i, row in enumerate(r for r in table.rows() if r.is_method and (r, pair) in table.cells):
         mean = statistics.fmean(table.cells[(row, pair)].values("last"))
-        ax.axhline(mean, color=f"C{i}", linestyle=":", linewidth=1.5, label=f"{row.label} {mean:.2f}")
+        ax.axhline(mean, linewidth=1.5, label=f"{row.label} {mean:.2f}", **series_style(i, first_dash=3))
     ax.set_xticks(range(len(keys)), labels)
     ax.set(xlabel="mount point (1 = shallowest)", ylabel="test top-1 (%), last epoch",
            title=f"{pair.title()}: accuracy by depth (mean ± std over runs)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_axes(fig, ax, path)
     plt.close(fig)
     return True
 

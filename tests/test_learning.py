@@ -114,8 +114,8 @@ CHECKS = {
     "ce": Check({"ce": {"CE": own_objective}}, ("--epochs", "5", "--schedule", "4")),
     # At the recipe's lr 0.1 the flattened heads (16,384 inputs on the first stage) overshoot: their summed CE
     # goes from 7.1 to about 200 in these two epochs, with no better accuracy than at 0.001 (38% against 41%);
-    # the real CIFAR-10 heads of docs/results show the same (582 in the first epoch, 101 after eight). Here
-    # they train where SGD is stable.
+    # the real CIFAR-10 heads of docs/RESULTS.md show the same (582 in the first epoch and 101 after eight in
+    # round 1; 464 and 88 in round 2). Here they train where SGD is stable.
     "fine_tune": Check({"fine_tune": {"heads' CE, summed": own_objective}},
                        ("--epochs", "2", "--schedule", "1", "--lr", "0.001")),
     "kd": Check({"kd": {"KL to the teacher": distillation_term}}),
