@@ -33,8 +33,8 @@ def beyond_spread(a: list, b: list) -> bool | None:
     return abs(ma - mb) > sa + sb
 
 
-def comparison_lines(table: Table, against: str, selection: str = "last") -> list:
-    """Markdown: per column, each method row's difference from the row labelled ``against`` (test top-1)."""
+def comparison_lines(table: Table, against: str) -> list:
+    """Markdown: per column, each method row's last-epoch difference from the row labelled ``against``."""
     rows = table.rows()
     reference = next((row for row in rows if row.label == against), None)
     if reference is None:
@@ -46,15 +46,16 @@ def comparison_lines(table: Table, against: str, selection: str = "last") -> lis
     for pair in table.pairs:
         if (reference, pair) not in table.cells:
             continue
-        ref = table.cells[(reference, pair)].values(selection)
-        out += [f"{pair.title()}; {against}: {format_cell(ref)}", "", "| row | mean | difference | std | beyond the seed spread? | Welch t (df) |",
+        ref = table.cells[(reference, pair)].values("last")
+        ref_mean = summary(ref)[0]
+        out += [f"{pair.title()}; {against}: {format_cell(ref)}", "",
+                "| row | mean | difference | std | beyond the seed spread? | Welch t (df) |",
                 "|---|---|---|---|---|---|"]
         for row in rows:
-            values = table.cells[(row, pair)].values(selection) if (row, pair) in table.cells else []
+            values = table.cells[(row, pair)].values("last") if (row, pair) in table.cells else []
             if not row.is_method or row == reference or not values:
                 continue
-            (mean, std, n), ref_mean = summary(values), summary(ref)[0]
-            t, df = welch(values, ref)
+            (mean, std, n), (t, df) = summary(values), welch(values, ref)
             out.append(f"| {row.label} | {mean:.2f} (n={n}) | {mean - ref_mean:+.2f} | "
                        f"{'-' if std is None else f'{std:.2f}'} | {VERDICTS[beyond_spread(values, ref)]} | "
                        f"{'-' if t is None else f'{t:+.2f} ({df:.1f})'} |")

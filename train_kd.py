@@ -95,7 +95,7 @@ def distil(ctx: RunContext, teacher: nn.Module, heads, student_arch: str, paths:
         ctx.say(f"note: the {warmup}-epoch warm-up is longer than the {epochs}-epoch run; the distillation "
                 f"terms reach {epochs / warmup:.0%} of their weight")
     steps = num_train_batches(len(ctx.data.train), ctx.cfg.data.batch_size, ctx.dist.world_size)
-    method = Distillation(student, meta, cohort, objective, epochs=ctx.cfg.optim.epochs, steps_per_epoch=steps)
+    method = Distillation(student, meta, cohort, objective, epochs=epochs, steps_per_epoch=steps)
     return run_phase(method, ctx, paths, ctx.cfg.optim, phase, meta, finished)
 
 
