@@ -21,12 +21,12 @@ import os
 
 import torch
 
-from batches import PAD, augment_batch, draw_augment_params, eval_batches, normalize, train_batches
-from data_sources import CIFAR, cifar_info, load_cifar, load_imagefolder, load_tiny_imagenet, tiny_imagenet_info
-from data_types import DataBundle, DatasetInfo, Split
-from decode_cache import default_cache_dir
-from errors import UserError
-from synthetic_data import load_synthetic, synthetic_info
+from dihkit.sources.batches import PAD, augment_batch, draw_augment_params, eval_batches, normalize, train_batches
+from dihkit.sources.data_sources import CIFAR, cifar_info, load_cifar, load_imagefolder, load_tiny_imagenet, tiny_imagenet_info
+from dihkit.sources.data_types import DataBundle, DatasetInfo, Split
+from dihkit.sources.decode_cache import default_cache_dir
+from dihkit.foundations.errors import UserError
+from dihkit.sources.synthetic_data import load_synthetic, synthetic_info
 
 __all__ = [
     "DATASET_NAMES", "PAD", "DataBundle", "DatasetInfo", "Split", "augment_batch", "data_fingerprint",

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from checkpoints import FORMAT, atomic_save, check_finite, check_state_dict, digest_tensors, safe_load
-from errors import UserError
+from dihkit.files.checkpoints import FORMAT, atomic_save, check_finite, check_state_dict, digest_tensors, safe_load
+from dihkit.foundations.errors import UserError
 
 # The exact name of head i (1, 2, ... without leading zeros); anything else named like a head is a stray.
 HEAD_FILE = re.compile(r"^head_([1-9][0-9]*)\.pth$")

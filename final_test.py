@@ -9,22 +9,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import dataload
-import distributed
-import pipeline
+from dihkit.runs import distributed
+from dihkit.results import pipeline
 import training_types  # noqa: F401  (fills the registry)
-from console_flags import build_parser, resolve_defaults
-from devices import configure_backends, resolve_data_path, resolve_device
-from distributed import from_env
-from errors import UserError
-from evaluate_checkpoint import evaluate_saved
-from flags import check_ranges
-from model_summary import summarize
-from registry import REGISTRY
-from run_outputs import check_output_text, console_command
-from run_state import Interrupted
-from concurrent_seeds import run_concurrently
-from seed_runs import check_before_data, default_output, print_summary, run_seeds, seed_outputs
-from settings import Settings, settings_from_flags
+from dihkit.console.console_flags import build_parser, resolve_defaults
+from dihkit.console.devices import configure_backends, resolve_data_path, resolve_device
+from dihkit.runs.distributed import from_env
+from dihkit.foundations.errors import UserError
+from dihkit.console.evaluate_checkpoint import evaluate_saved
+from dihkit.foundations.flags import check_ranges
+from dihkit.console.model_summary import summarize
+from dihkit.foundations.registry import REGISTRY
+from dihkit.runs.run_outputs import check_output_text, console_command
+from dihkit.runs.run_state import Interrupted
+from dihkit.console.concurrent_seeds import run_concurrently
+from dihkit.console.seed_runs import check_before_data, default_output, print_summary, run_seeds, seed_outputs
+from dihkit.foundations.settings import Settings, settings_from_flags
 from train_funcs import NonFiniteLoss
 
 

@@ -34,14 +34,14 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from checkpoints import safe_load
-from errors import UserError
-from flags import HelpFormatter, Parser
-from report_model import (MANIFEST_KIND, PROTOCOL, SELECTIONS, Cell, Incomplete, Pair, Result, Row, Table,
+from dihkit.files.checkpoints import safe_load
+from dihkit.foundations.errors import UserError
+from dihkit.foundations.flags import HelpFormatter, Parser
+from dihkit.results.report_model import (MANIFEST_KIND, PROTOCOL, SELECTIONS, Cell, Incomplete, Pair, Result, Row, Table,
                           format_cell, row_title, summary)
-from report_compare import comparison_lines
-from report_plots import write_plots
-from registry import REGISTRY
+from dihkit.results.report_compare import comparison_lines
+from dihkit.results.report_plots import write_plots
+from dihkit.foundations.registry import REGISTRY
 # ----------------------------------------------------------------------------- reading
 
 def state_result(path: Path) -> Path:

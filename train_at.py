@@ -8,14 +8,14 @@ number of stages.
 from dataclasses import dataclass
 
 from dih_utils import Cohort, mount_shapes
-from errors import UserError
-from flags import Range, flag
+from dihkit.foundations.errors import UserError
+from dihkit.foundations.flags import Range, flag
 from KD_Loss import at_loss, kd_loss
-from method_contract import StudentMethod
-from model_loading import load_teacher, model_meta, new_model, skeleton
-from registry import TrainingType
-from run_context import RunContext
-from run_outputs import RunPaths, claim_outputs
+from dihkit.runs.method_contract import StudentMethod
+from dihkit.runs.model_loading import load_teacher, model_meta, new_model, skeleton
+from dihkit.foundations.registry import TrainingType
+from dihkit.runs.run_context import RunContext
+from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from train_funcs import run_phase
 
 

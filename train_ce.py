@@ -1,11 +1,11 @@
 """``--training_type ce``: train a model from scratch with cross-entropy (the teacher, or a student alone)."""
 import torch.nn.functional as F
 
-from method_contract import StudentMethod
-from model_loading import model_meta, new_model
-from registry import TrainingType
-from run_context import RunContext
-from run_outputs import RunPaths, claim_outputs
+from dihkit.runs.method_contract import StudentMethod
+from dihkit.runs.model_loading import model_meta, new_model
+from dihkit.foundations.registry import TrainingType
+from dihkit.runs.run_context import RunContext
+from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from train_funcs import run_phase
 
 

@@ -6,12 +6,12 @@
 from dataclasses import dataclass
 
 from dih_utils import fingerprint, heads_meta, load_heads, mount_shapes
-from errors import UserError
-from flags import flag
-from model_loading import load_teacher
-from registry import STUDENT_KEYS, TrainingType
-from run_context import RunContext
-from run_outputs import RunPaths, claim_outputs
+from dihkit.foundations.errors import UserError
+from dihkit.foundations.flags import flag
+from dihkit.runs.model_loading import load_teacher
+from dihkit.foundations.registry import STUDENT_KEYS, TrainingType
+from dihkit.runs.run_context import RunContext
+from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from train_dist import DISTSettings, dist_objective
 from train_dist import FLAGS as DIST_FLAGS
 from train_dkd import DKDSettings, dkd_objective

@@ -7,11 +7,11 @@ use the same member loss (``--training_type dih --cohort_loss dist``), with thes
 """
 from dataclasses import dataclass
 
-from flags import Range, flag
+from dihkit.foundations.flags import Range, flag
 from KD_Loss import dist_member
-from registry import TrainingType
-from run_context import RunContext
-from settings import ModelSettings
+from dihkit.foundations.registry import TrainingType
+from dihkit.runs.run_context import RunContext
+from dihkit.foundations.settings import ModelSettings
 from train_kd import KDSettings, Objective, bench_distillation, distil_from_teacher, with_ls
 
 # The authors' loss class DIST(beta=1.0, gamma=1.0, tau=1.0); its CE weight 1.0 is fixed here.

@@ -6,11 +6,11 @@ member loss (``--training_type dih --cohort_loss dkd``), with these flags.
 """
 from dataclasses import dataclass
 
-from flags import Range, flag
+from dihkit.foundations.flags import Range, flag
 from KD_Loss import dkd_member
-from registry import TrainingType
-from run_context import RunContext
-from settings import ModelSettings
+from dihkit.foundations.registry import TrainingType
+from dihkit.runs.run_context import RunContext
+from dihkit.foundations.settings import ModelSettings
 from train_kd import KDSettings, Objective, bench_distillation, distil_from_teacher, with_ls
 
 # mdistiller's mdistiller/engine/cfg.py: DKD.ALPHA, DKD.BETA, DKD.T, DKD.WARMUP (its CE_WEIGHT 1.0 is fixed here).

@@ -6,12 +6,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dih_utils import Cohort, build_heads, fingerprint, heads_meta, mount_shapes, save_heads
-from method_contract import Method
-from model_loading import load_teacher
+from dihkit.runs.method_contract import Method
+from dihkit.runs.model_loading import load_teacher
 from models_repo import count_parameters
-from registry import TrainingType
-from run_context import RunContext
-from run_outputs import RunPaths, claim_outputs
+from dihkit.foundations.registry import TrainingType
+from dihkit.runs.run_context import RunContext
+from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from train_funcs import run_phase
 
 

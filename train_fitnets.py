@@ -11,18 +11,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from checkpoints import load_model_file
+from dihkit.files.checkpoints import load_model_file
 from dih_utils import Cohort, freeze, mount_shapes
-from errors import UserError
-from flags import Range, flag, parse_bool
+from dihkit.foundations.errors import UserError
+from dihkit.foundations.flags import Range, flag, parse_bool
 from KD_Loss import hint_loss
-from method_contract import StudentMethod
-from model_loading import load_teacher, model_meta, new_model, skeleton
+from dihkit.runs.method_contract import StudentMethod
+from dihkit.runs.model_loading import load_teacher, model_meta, new_model, skeleton
 from models_repo import count_parameters
-from registry import STUDENT_KEYS, TrainingType
-from run_context import RunContext
-from run_outputs import RunPaths, claim_outputs
-from settings import OptimSettings
+from dihkit.foundations.registry import STUDENT_KEYS, TrainingType
+from dihkit.runs.run_context import RunContext
+from dihkit.runs.run_outputs import RunPaths, claim_outputs
+from dihkit.foundations.settings import OptimSettings
 from train_funcs import run_phase
 from train_kd import distil
 

@@ -16,16 +16,16 @@ from torch import nn
 from tqdm import tqdm
 
 import dataload
-from checkpoints import FORMAT, atomic_save
-from distributed import Dist
-from errors import UserError
-from evaluation import evaluate_outputs, headline
-from method_contract import Method
-from run_context import RunContext
-from run_outputs import RunPaths, library_versions, write_json
-from run_state import (Interrupted, StopFlag, check_resume_args, check_same_data, cohort_fingerprint,
+from dihkit.files.checkpoints import FORMAT, atomic_save
+from dihkit.runs.distributed import Dist
+from dihkit.foundations.errors import UserError
+from dihkit.runs.evaluation import evaluate_outputs, headline
+from dihkit.runs.method_contract import Method
+from dihkit.runs.run_context import RunContext
+from dihkit.runs.run_outputs import RunPaths, library_versions, write_json
+from dihkit.runs.run_state import (Interrupted, StopFlag, check_resume_args, check_same_data, cohort_fingerprint,
                        load_resume_state, rng_state, seed_everything, set_rng_state)
-from settings import OptimSettings
+from dihkit.foundations.settings import OptimSettings
 
 
 class NonFiniteLoss(Exception):

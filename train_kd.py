@@ -9,13 +9,13 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from dih_utils import Cohort
-from epoch_count import CountsEpochs
+from dihkit.methods.epoch_count import CountsEpochs
 from KD_Loss import MemberLoss, cohort_loss, dkd_warmup_factor, kd_member
-from method_contract import StudentMethod
-from model_loading import load_teacher, model_meta, new_model
-from registry import STUDENT_KEYS, TrainingType
-from run_context import RunContext
-from run_outputs import RunPaths, claim_outputs
+from dihkit.runs.method_contract import StudentMethod
+from dihkit.runs.model_loading import load_teacher, model_meta, new_model
+from dihkit.foundations.registry import STUDENT_KEYS, TrainingType
+from dihkit.runs.run_context import RunContext
+from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from train_funcs import num_train_batches, run_phase
 
 # The bench times single steps: its epoch length only places the warm-up, which does not change the cost.

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dih_utils import freeze
-from errors import UserError
-from flags import flag
-from model_loading import load_teacher, load_trained, skeleton
+from dihkit.foundations.errors import UserError
+from dihkit.foundations.flags import flag
+from dihkit.runs.model_loading import load_teacher, load_trained, skeleton
 from models_repo import MODELS, count_parameters
-from registry import STUDENT_KEYS, TrainingType
-from run_context import RunContext
-from run_outputs import RunPaths, claim_outputs
+from dihkit.foundations.registry import STUDENT_KEYS, TrainingType
+from dihkit.runs.run_context import RunContext
+from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from train_kd import KDSettings, bench_kd, distil, kd_objective, with_ls
 
 

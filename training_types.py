@@ -14,7 +14,7 @@ import train_kd
 import train_takd
 from CRD import crd
 from MHKD import mhkd
-from registry import REGISTRY, register
+from dihkit.foundations.registry import REGISTRY, register
 from TOFD import tofd
 
 register(train_ce.TRAINING_TYPE)

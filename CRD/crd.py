@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dih_utils import Cohort
-from errors import UserError
-from feature_baselines import BETA_FLAG, report_extra
-from flags import Range, flag
+from dihkit.foundations.errors import UserError
+from dihkit.methods.feature_baselines import BETA_FLAG, report_extra
+from dihkit.foundations.flags import Range, flag
 from KD_Loss import soft_kl
-from method_contract import StudentMethod
-from model_loading import load_teacher, model_meta, new_model
-from registry import STUDENT_KEYS, TrainingType
-from run_context import RunContext
-from run_outputs import RunPaths, claim_outputs
+from dihkit.runs.method_contract import StudentMethod
+from dihkit.runs.model_loading import load_teacher, model_meta, new_model
+from dihkit.foundations.registry import STUDENT_KEYS, TrainingType
+from dihkit.runs.run_context import RunContext
+from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from train_funcs import run_phase
 
 # The contrastive term's weight when --beta is not given (RepDistiller's CIFAR-100 setting).

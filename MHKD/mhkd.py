@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dih_utils import Cohort, mount_shapes
-from feature_baselines import BETA_FLAG, heads_outputs, report_extra, require_same_stages, teacher_heads
-from flags import flag
+from dihkit.methods.feature_baselines import BETA_FLAG, heads_outputs, report_extra, require_same_stages, teacher_heads
+from dihkit.foundations.flags import flag
 from KD_Loss import kd_kl_term, kd_loss_ls
-from method_contract import StudentMethod
-from model_loading import load_teacher, model_meta, new_model
+from dihkit.runs.method_contract import StudentMethod
+from dihkit.runs.model_loading import load_teacher, model_meta, new_model
 from models_repo.base import conv_bn_relu, init_weights
-from registry import STUDENT_KEYS, TrainingType
-from run_context import RunContext
-from run_outputs import RunPaths
+from dihkit.foundations.registry import STUDENT_KEYS, TrainingType
+from dihkit.runs.run_context import RunContext
+from dihkit.runs.run_outputs import RunPaths
 from train_funcs import run_phase
 from train_kd import with_ls
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from method_contract import StudentMethod
+from dihkit.runs.method_contract import StudentMethod
 from train_funcs import forward_loss
 
 

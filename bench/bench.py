@@ -34,7 +34,7 @@ from bench.parts import (AUTHORS_DIH, DIH, FINE_TUNE, FLOOR_STEP, SHAPES, bench_
                          build_methods)
 from bench.timing import (DATA_ONLY_RUN, DATA_PATH_RUN, generated_data, inference_task, make_ctx,  # noqa: E402
                           progress, time_epochs, time_interleaved, train_task, warm_up)
-from devices import configure_backends  # noqa: E402
+from dihkit.console.devices import configure_backends  # noqa: E402
 from models_repo import MODELS  # noqa: E402
 
 # Epochs timed by default: the floor's step, the types the figures quote, and plain KD (the epoch table

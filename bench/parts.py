@@ -10,13 +10,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-import console_flags
+from dihkit.console import console_flags
 import final_test
 import training_types  # noqa: F401  (fills the registry)
 from dih_utils import Cohort, build_heads, freeze
 from models_repo import build_model
-from registry import REGISTRY, ordered
-from settings import Settings
+from dihkit.foundations.registry import REGISTRY, ordered
+from dihkit.foundations.settings import Settings
 
 # (classes, image size, training images) of the datasets whose shape the generated data takes.
 SHAPES = {"cifar10": (10, 32, 50_000), "cifar100": (100, 32, 50_000), "tiny-imagenet": (200, 64, 100_000)}

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 import dataload
-from distributed import from_env
-from method_contract import Method
-from registry import REGISTRY
-from run_context import RunContext
-from run_outputs import RunPaths
-from settings import Settings
+from dihkit.runs.distributed import from_env
+from dihkit.runs.method_contract import Method
+from dihkit.foundations.registry import REGISTRY
+from dihkit.runs.run_context import RunContext
+from dihkit.runs.run_outputs import RunPaths
+from dihkit.foundations.settings import Settings
 from train_funcs import Trainer, forward_loss, make_optimizer, prepare_step, train_step
 
 from bench.parts import FLOOR_STEP, SHAPES, type_settings

@@ -1,7 +1,7 @@
 """The model registry: every console name maps to one constructor taking the number of classes."""
 from functools import partial
 
-from errors import UserError
+from dihkit.foundations.errors import UserError
 
 from .base import StagedNet
 from .cifar_resnet import cifar_resnet

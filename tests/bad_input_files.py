@@ -4,7 +4,7 @@ import shutil
 
 import torch
 
-from checkpoints import atomic_save
+from dihkit.files.checkpoints import atomic_save
 from faults import flip_tensor_byte
 from models_repo import build_model
 

@@ -10,7 +10,7 @@ import torch
 
 from bad_input_files import (Evil, copied, copy_heads, dataset, edited, flipped, good_split, other_images, prefixed,
                              res_state, save, write)
-from checkpoints import DIGEST_KEY, atomic_save, model_record
+from dihkit.files.checkpoints import DIGEST_KEY, atomic_save, model_record
 from faults import flip_tensor_byte, hold_lock
 from models_repo import build_model
 

@@ -34,8 +34,8 @@ def make_ctx(argv, data=None, seed: int = 0, out=None):
 
     import torch
 
-    from distributed import Dist
-    from run_context import RunContext
+    from dihkit.runs.distributed import Dist
+    from dihkit.runs.run_context import RunContext
     cfg = final_test.make_settings(final_test.build_parser().parse_args([str(a) for a in ["--gpu_id", "cpu", *argv]]))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_path="device"))
     return RunContext(cfg, torch.device("cpu"), data, Dist(), seed, out)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from checkpoints import safe_load
+from dihkit.files.checkpoints import safe_load
 from console import ROOT, TINY
 
 CLASSES = 4
@@ -62,7 +62,7 @@ def flip_tensor_byte(path: Path) -> None:
 def hold_lock(path: Path) -> subprocess.Popen:
     """Another live process claiming the output ``path`` (``output_lock``) until it is killed; returns once it
     holds the claim."""
-    code = ("import sys, time; from output_lock import OutputLock; lock = OutputLock([sys.argv[1]]); "
+    code = ("import sys, time; from dihkit.files.output_lock import OutputLock; lock = OutputLock([sys.argv[1]]); "
             "lock.acquire(); print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"

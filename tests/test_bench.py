@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import registry
+from dihkit.foundations import registry
 from bench import bench as bench_cli
 from bench.authors_dih import authors_step, student_gradient_gap
 from bench.parts import AUTHORS_DIH, BenchParts, bench_types, build_methods, shared_parts, type_settings
 from bench.timing import generated_data, make_ctx
 from console import ROOT, run_subprocess
-from method_contract import StudentMethod
-from registry import REGISTRY, TrainingType
+from dihkit.runs.method_contract import StudentMethod
+from dihkit.foundations.registry import REGISTRY, TrainingType
 from TOFD import tofd
 
 TINY = ["--teacher", "res8", "--student", "res8", "--dataset", "cifar10", "--batch_size", "8", "--device", "cpu"]

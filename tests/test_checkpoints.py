@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints
-import run_state
-from checkpoints import DIGEST_KEY, FORMAT, atomic_save, load_model_file, model_record, safe_load
+from dihkit.files import checkpoints
+from dihkit.runs import run_state
+from dihkit.files.checkpoints import DIGEST_KEY, FORMAT, atomic_save, load_model_file, model_record, safe_load
 from console import ROOT, run_inprocess
 from dih_utils import build_heads, fingerprint, heads_meta, list_heads, load_heads, mount_shapes, save_heads
-from errors import UserError
+from dihkit.foundations.errors import UserError
 from faults import flip_tensor_byte, hold_lock, make_imagefolder, recipe
 from models_repo import build_model
-from output_lock import OutputLock, lock_file, remove_stray_temps
+from dihkit.files.output_lock import OutputLock, lock_file, remove_stray_temps
 
 
 class Evil:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from console import ROOT, TINY
-from seed_runs import seed_outputs
+from dihkit.console.seed_runs import seed_outputs
 
 
 def console(args, cwd):

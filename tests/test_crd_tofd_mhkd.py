@@ -11,16 +11,16 @@ import torch.nn.functional as F
 import CRD.crd
 import final_test
 import MHKD.mhkd
-import feature_baselines
+from dihkit.methods import feature_baselines
 import TOFD.tofd
-from checkpoints import atomic_save, model_record
+from dihkit.files.checkpoints import atomic_save, model_record
 from console import TINY, data_loaded_once, make_ctx, run_inprocess, run_subprocess
 from CRD.crd import CRDMethod, nce_loss
 from dih_utils import Cohort
 
 from MHKD.mhkd import MHKDMethod, build_multi_heads
 from models_repo import build_model
-from registry import REGISTRY
+from dihkit.foundations.registry import REGISTRY
 
 # The example command lines of the README, minus what only a GPU run on CIFAR-100 needs.
 EXAMPLE = ["--student", "res8", "--teacher", "res110", "--saved_path", "runs/teacher.pth", "--path_to_save",

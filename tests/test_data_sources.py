@@ -16,9 +16,9 @@ import torchvision.datasets.utils
 from PIL import Image
 
 import dataload
-import decode_cache
+from dihkit.sources import decode_cache
 from dataload import DataBundle, Split, data_fingerprint, default_cache_dir, known_info, load_data
-from errors import UserError
+from dihkit.foundations.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"bird": (250, 10, 10), "cat": (10, 240, 10), "dog": (5, 5, 250)}

@@ -17,9 +17,9 @@ import torchvision.datasets.utils
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-import batches
+from dihkit.sources import batches
 import dataload
-import decode_cache
+from dihkit.sources import decode_cache
 from dataload import (
     DATASET_NAMES,
     DatasetInfo,
@@ -31,7 +31,7 @@ from dataload import (
     normalize,
     train_batches,
 )
-from errors import UserError
+from dihkit.foundations.errors import UserError
 
 CPU = torch.device("cpu")
 MEAN = (0.45, 0.5, 0.55)

@@ -17,10 +17,10 @@ from torch import nn
 import torch.multiprocessing as mp
 
 import dataload
-import distributed
+from dihkit.runs import distributed
 import final_test
 from console import ROOT, TINY, run_inprocess
-from errors import UserError
+from dihkit.foundations.errors import UserError
 
 
 # The smallest teacher keeps three launches of two processes each within this file's time budget.

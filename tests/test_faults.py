@@ -15,9 +15,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-import checkpoints
+from dihkit.files import checkpoints
 import train_ce
-from checkpoints import atomic_save, model_record
+from dihkit.files.checkpoints import atomic_save, model_record
 from console import TINY, run_inprocess
 from dih_utils import build_heads, fingerprint, heads_meta, mount_shapes, save_heads
 from faults import flip_tensor_byte, make_imagefolder, recipe, start, tree, wait_for_state

@@ -23,7 +23,7 @@ import train_funcs
 import training_types  # noqa: F401  (fills the registry)
 from console import data_loaded_once, run_inprocess
 from KD_Loss import at_loss, kd_kl_term, soft_kl
-from registry import REGISTRY
+from dihkit.foundations.registry import REGISTRY
 from TOFD.tofd import classifier_outputs, kd_temperature, soft_cross_entropy
 
 # Generated data: 10 classes, so chance is 10%; a run must end at twice that or more.

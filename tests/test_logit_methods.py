@@ -14,7 +14,7 @@ from console import TINY, data_loaded_once, make_ctx, run_inprocess
 from dih_utils import build_heads
 from KD_Loss import cohort_loss, dih_loss, dist_loss, dkd_loss, kd_loss_ls, kd_member
 from models_repo import build_model
-from registry import REGISTRY
+from dihkit.foundations.registry import REGISTRY
 from TOFD.tofd import classifier_outputs
 
 CPU = torch.device("cpu")

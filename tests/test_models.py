@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dih_utils import build_heads
-from errors import UserError
+from dihkit.foundations.errors import UserError
 from models_repo import MODELS, build_model, count_parameters
 
 # The method's table (REFERENCE.md section 3), 100 classes; approximate ones within 1%.

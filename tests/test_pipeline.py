@@ -10,9 +10,9 @@ import dataload
 from console import TINY, make_ctx, run_inprocess
 from dih_utils import Cohort, build_heads, fingerprint, heads_meta, load_heads, mount_shapes
 from KD_Loss import dih_loss
-from model_loading import model_meta
+from dihkit.runs.model_loading import model_meta
 from models_repo import build_model
-from run_outputs import RunPaths
+from dihkit.runs.run_outputs import RunPaths
 from train_fine_tune import HeadTuning
 from train_funcs import Trainer
 from train_kd import Distillation, kd_objective

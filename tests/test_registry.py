@@ -9,12 +9,12 @@ import torch.nn.functional as F
 
 import report
 from console import TINY, run_inprocess
-from console_flags import build_parser
-from flags import Range, flag
-from method_contract import StudentMethod
-from model_loading import model_meta, new_model
-from registry import RECIPE_KEYS, REGISTRY, TrainingType
-from run_outputs import RunPaths, claim_outputs
+from dihkit.console.console_flags import build_parser
+from dihkit.foundations.flags import Range, flag
+from dihkit.runs.method_contract import StudentMethod
+from dihkit.runs.model_loading import model_meta, new_model
+from dihkit.foundations.registry import RECIPE_KEYS, REGISTRY, TrainingType
+from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from train_funcs import run_phase
 
 

@@ -14,13 +14,13 @@ import torch
 
 import dataload
 import final_test
-import pipeline
+from dihkit.results import pipeline
 import report
-import report_compare
-import run_state
+from dihkit.results import report_compare
+from dihkit.runs import run_state
 import train_funcs
-from console_flags import DEFAULT_METHODS
-from registry import REGISTRY, ordered
+from dihkit.console.console_flags import DEFAULT_METHODS
+from dihkit.foundations.registry import REGISTRY, ordered
 from console import ROOT, TINY, data_loaded_once, run_inprocess
 
 SEEDS = (3, 4)

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from registry import REGISTRY
+from dihkit.foundations.registry import REGISTRY
 from console import run_inprocess
 from faults import kill_after_first_epoch, make_imagefolder, recipe, start, wait_for_state
 

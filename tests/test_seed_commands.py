@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from console import ROOT
-from console_flags import build_parser
+from dihkit.console.console_flags import build_parser
 from test_dataload import dump_py2
 
 TRAIN_IMAGES, TEST_IMAGES = 100, 50     # one training image per class

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 import train_funcs
-from checkpoints import atomic_save, model_record
+from dihkit.files.checkpoints import atomic_save, model_record
 from dih_utils import Cohort, build_heads
 from models_repo import build_model
 from console import TINY, make_ctx, run_inprocess
-from method_contract import Method
-from run_context import RunContext
+from dihkit.runs.method_contract import Method
+from dihkit.runs.run_context import RunContext
 from train_fine_tune import HeadTuning
 from train_kd import Distillation, kd_objective
 

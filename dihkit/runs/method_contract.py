@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from checkpoints import atomic_save, model_record
+from dihkit.files.checkpoints import atomic_save, model_record
 
 
 class Method(nn.Module):

@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-from errors import UserError
-from registry import TrainingType
-from run_outputs import RunPaths
+from dihkit.foundations.errors import UserError
+from dihkit.foundations.registry import TrainingType
+from dihkit.runs.run_outputs import RunPaths
 
-CONSOLE = Path(__file__).resolve().with_name("final_test.py")
+CONSOLE = Path(__file__).resolve().parents[2] / "final_test.py"
 
 
 def child_command(argv: list, seed: int, out: Path) -> list:

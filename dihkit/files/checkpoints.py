@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from errors import UserError
+from dihkit.foundations.errors import UserError
 
 FORMAT = "dih-toolkit/1"
 DIGEST_KEY = "tensors_sha256"

@@ -8,8 +8,8 @@ seeds make any test weak, and the verdict above is the stated criterion.
 """
 import math
 
-from errors import UserError
-from report_model import Table, format_cell, summary
+from dihkit.foundations.errors import UserError
+from dihkit.results.report_model import Table, format_cell, summary
 
 VERDICTS = {True: "**beyond**", False: "within", None: "not judged (n=1)"}
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import report
-from console_flags import default_milestones, resolve_defaults
-from errors import UserError
-from registry import REGISTRY
-from run_outputs import RunPaths, console_command, output_exists, write_json
+from dihkit.console.console_flags import default_milestones, resolve_defaults
+from dihkit.foundations.errors import UserError
+from dihkit.foundations.registry import REGISTRY
+from dihkit.runs.run_outputs import RunPaths, console_command, output_exists, write_json
 
 # Flags the pipeline sets per step, or that only the pipeline reads; all others are passed through.
 OWNED = frozenset({"help", "training_type", "path_to_save", "saved_path", "saved_intermediates_directory", "seed",

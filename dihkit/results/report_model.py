@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import training_types  # noqa: F401  (fills the registry)
-from registry import REGISTRY
+from dihkit.foundations.registry import REGISTRY
 
 MANIFEST_KIND = "dih-pipeline"
 # What identifies a column, so never tells runs of one row apart.

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_types import Split
-from errors import UserError
+from dihkit.sources.data_types import Split
+from dihkit.foundations.errors import UserError
 
 # Bumped whenever the cache layout changes, so an old file is rebuilt rather than misread.
 _CACHE_VERSION = "1"

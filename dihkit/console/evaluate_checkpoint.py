@@ -1,10 +1,10 @@
 """``--training_type test``: top-1/top-5 of a saved model (and its heads) on the test split."""
 from dih_utils import Cohort, fingerprint, heads_meta, load_heads, mount_shapes
-from checkpoints import safe_load
-from errors import UserError
-from evaluation import evaluate_outputs
-from model_loading import load_trained
-from run_context import RunContext
+from dihkit.files.checkpoints import safe_load
+from dihkit.foundations.errors import UserError
+from dihkit.runs.evaluation import evaluate_outputs
+from dihkit.runs.model_loading import load_trained
+from dihkit.runs.run_context import RunContext
 
 
 def evaluate_saved(ctx: RunContext) -> dict:

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data_types import DatasetInfo, Split
-from errors import UserError
+from dihkit.sources.data_types import DatasetInfo, Split
+from dihkit.foundations.errors import UserError
 
 PAD = 4
 """Pixels of zero padding around each image before the random crop (the CIFAR recipe)."""

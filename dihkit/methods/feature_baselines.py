@@ -10,11 +10,11 @@ from pathlib import Path
 from torch import nn
 
 from dih_utils import fingerprint, heads_meta, load_heads, mount_shapes
-from errors import UserError
-from flags import Range, flag
+from dihkit.foundations.errors import UserError
+from dihkit.foundations.flags import Range, flag
 from models_repo import build_model, count_parameters
-from run_context import RunContext
-from run_outputs import RunPaths, claim_outputs
+from dihkit.runs.run_context import RunContext
+from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from train_fine_tune import HeadTuning
 from train_funcs import run_phase
 

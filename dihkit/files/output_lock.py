@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from errors import UserError
+from dihkit.foundations.errors import UserError
 
 # A temporary file of checkpoints.atomic_write: ``.<name>.`` + mkstemp's 8 random characters + ``.tmp``.
 TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")

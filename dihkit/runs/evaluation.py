@@ -2,7 +2,7 @@
 import torch
 
 import dataload
-from run_context import RunContext
+from dihkit.runs.run_context import RunContext
 
 
 @torch.no_grad()

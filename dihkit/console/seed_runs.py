@@ -5,13 +5,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import dataload
-from distributed import Dist
-from model_loading import check_inputs, trained_inputs
-from registry import TrainingType
-from run_context import RunContext
-from run_outputs import RunClaim, RunPaths, check_output_names
-from run_state import seed_everything
-from settings import Settings
+from dihkit.runs.distributed import Dist
+from dihkit.runs.model_loading import check_inputs, trained_inputs
+from dihkit.foundations.registry import TrainingType
+from dihkit.runs.run_context import RunContext
+from dihkit.runs.run_outputs import RunClaim, RunPaths, check_output_names
+from dihkit.runs.run_state import seed_everything
+from dihkit.foundations.settings import Settings
 
 
 def seed_output(path: Path, seed: int, several: bool, is_dir: bool = False) -> Path:

@@ -4,10 +4,10 @@ Every numeric flag declares its range here (or in its training type's module); `
 all of them before anything is loaded.
 """
 import dataload
-from flags import HelpFormatter, Parser, Range, add_flags, flag, parse_bool
+from dihkit.foundations.flags import HelpFormatter, Parser, Range, add_flags, flag, parse_bool
 from KD_Loss import LOGIT_STD_TEMPERATURE
 from models_repo import MODELS
-from registry import REGISTRY, ordered
+from dihkit.foundations.registry import REGISTRY, ordered
 
 MODES = ("pipeline", "test")
 SEED_RANGE = Range(0, 2 ** 32 - 1, distinct=True)

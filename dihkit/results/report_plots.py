@@ -2,8 +2,8 @@
 import statistics
 from pathlib import Path
 
-from evaluation import headline
-from report_model import Pair, Table, summary
+from dihkit.runs.evaluation import headline
+from dihkit.results.report_model import Pair, Table, summary
 
 
 # Matplotlib's default cycle has ten colours; further series repeat them with another dash pattern.

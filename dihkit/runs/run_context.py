@@ -7,8 +7,8 @@ import torch
 from tqdm import tqdm
 
 import dataload
-from distributed import Dist
-from settings import Settings
+from dihkit.runs.distributed import Dist
+from dihkit.foundations.settings import Settings
 
 
 @dataclass

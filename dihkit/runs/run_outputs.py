@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import atomic_write
+from dihkit.files.checkpoints import atomic_write
 from dih_utils import looks_like_head
-from errors import UserError
-from output_lock import OutputLock, remove_stray_temps
-from run_context import RunContext
+from dihkit.foundations.errors import UserError
+from dihkit.files.output_lock import OutputLock, remove_stray_temps
+from dihkit.runs.run_context import RunContext
 
 # What the toolkit adds to an output's name in its folder: ``.<name>.<8 random characters>.tmp`` while a file
 # is written (a lock file, ``.<name>.lock``, needs less).
@@ -73,7 +73,7 @@ def library_versions() -> dict:
 def console_command(argv) -> str:
     """The shell line that runs the console with ``argv`` from the current directory (result files and the
     pipeline's plan record it; ``eval`` it there to rerun)."""
-    script = os.path.relpath(Path(__file__).with_name("final_test.py"), Path.cwd())
+    script = os.path.relpath(Path(__file__).resolve().parents[2] / "final_test.py", Path.cwd())
     return shlex.join(["python3", script, *map(str, argv)])
 
 

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 import dataload
-from checkpoints import load_model_file, read_model_file
+from dihkit.files.checkpoints import load_model_file, read_model_file
 from dih_utils import check_heads_folder, freeze
-from errors import UserError
+from dihkit.foundations.errors import UserError
 from models_repo import build_model
-from registry import TrainingType
-from run_context import RunContext
-from settings import Settings
+from dihkit.foundations.registry import TrainingType
+from dihkit.runs.run_context import RunContext
+from dihkit.foundations.settings import Settings
 
 
 def model_meta(ctx: RunContext, arch: str, **extra) -> dict:

@@ -7,10 +7,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from checkpoints import FORMAT, safe_load
+from dihkit.files.checkpoints import FORMAT, safe_load
 from dih_utils import fingerprint
-from distributed import Dist
-from errors import UserError
+from dihkit.runs.distributed import Dist
+from dihkit.foundations.errors import UserError
 
 
 class Interrupted(Exception):

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dih_utils import digest_tensors
-from errors import UserError
+from dihkit.foundations.errors import UserError
 
 
 class SharedUserError(UserError):

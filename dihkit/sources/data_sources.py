@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_types import DatasetInfo, Split, channel_stats
-from decode_cache import decode_splits
-from errors import UserError
+from dihkit.sources.data_types import DatasetInfo, Split, channel_stats
+from dihkit.sources.decode_cache import decode_splits
+from dihkit.foundations.errors import UserError
 
 CIFAR = {
     "cifar10": {

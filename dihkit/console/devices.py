@@ -5,7 +5,7 @@ import sys
 import torch
 
 import dataload
-from errors import UserError
+from dihkit.foundations.errors import UserError
 
 
 def resolve_device(gpu_id: str | None, local_rank: int = 0) -> torch.device:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_types import DatasetInfo, Split, channel_stats
+from dihkit.sources.data_types import DatasetInfo, Split, channel_stats
 
 _SYN_SHAPES = ("circle", "square", "triangle", "cross", "ring")
 _SYN_COLOURS = {"red": (0.85, 0.18, 0.15), "green": (0.2, 0.72, 0.22), "blue": (0.17, 0.32, 0.88)}

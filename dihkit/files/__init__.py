@@ -1,0 +1,1 @@
+"""Files on disk: checkpoint reading and atomic writing, locks on output paths."""

@@ -1,0 +1,1 @@
+"""The results layer: the pipeline, the report's model of result files, comparisons and plots."""
