@@ -1,6 +1,6 @@
 """``--training_type test``: top-1/top-5 of a saved model (and its heads) on the test split."""
 from dih_utils import Cohort, fingerprint, heads_meta, load_heads, mount_shapes
-from dihkit.files.checkpoints import safe_load
+from dihkit.files.checkpoints import file_arch
 from dihkit.foundations.errors import UserError
 from dihkit.runs.evaluation import evaluate_outputs
 from dihkit.runs.model_loading import load_trained
@@ -12,7 +12,7 @@ def evaluate_saved(ctx: RunContext) -> dict:
     models = ctx.cfg.models
     if models.saved_path is None:
         raise UserError("test needs --saved_path (the model to evaluate)")
-    arch = safe_load(models.saved_path, "checkpoint").get("arch", models.teacher)
+    arch = file_arch(models.saved_path, "checkpoint", models.teacher)
     model, _ = load_trained(ctx, arch, models.saved_path, "checkpoint")
     heads = None
     if models.heads_dir:

@@ -3,7 +3,8 @@
 A model file is a dict ``{"format", "kind": "model", "arch", "num_classes", "dataset", "image_size",
 "epoch", "state_dict", ...}``. Teacher files from other code are accepted when they are plain state
 dicts (optionally with the ``module.`` prefix of DataParallel/DDP, bare or wrapped as ``{"state_dict": ...}``
-or ``{"model": ...}``) whose keys and shapes match. Every file is written atomically and read with
+or ``{"model": ...}``) whose keys and shapes match; RepDistiller's and mdistiller's files are renamed to the
+registry's layout by the rules of ``models_repo/upstream.py`` and checked tensor by tensor. Every file is written atomically and read with
 ``weights_only=True``. Every dict the toolkit saves records ``tensors_sha256``, the digest of all its tensors'
 bytes, and reading it checks that digest: bytes changed on disk are refused even when the file still parses.
 """
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from dihkit.foundations.errors import UserError
+from models_repo import build_model
+from models_repo.upstream import from_upstream, is_upstream
 
 FORMAT = "dih-toolkit/1"
 DIGEST_KEY = "tensors_sha256"
@@ -31,6 +34,8 @@ UMASK = os.umask(0)
 os.umask(UMASK)
 # Files already reported as carrying no digest: one notice per file and process, however often it is read.
 _UNDIGESTED = set()
+# Upstream files already reported as converted: one notice per file and process.
+_CONVERTED = set()
 
 
 def write_error(path: Path, error: OSError, size: int) -> UserError:
@@ -240,8 +245,34 @@ def read_model_file(path, arch: str | None, num_classes: int | None, what: str =
     if not isinstance(state, dict):
         raise UserError(f"{what} '{path}' holds no state dict")
     state = strip_module_prefix(state)
+    if obj.get("format") != FORMAT and arch is not None and is_upstream(state):
+        state = convert_upstream(obj, state, arch, num_classes, f"{what} '{path}'")
+        meta.update(source="RepDistiller/mdistiller", upstream_epoch=obj.get("epoch"))
     check_finite(state, what, path)
     return state, meta
+
+
+def convert_upstream(obj: dict, state: dict, arch: str, num_classes: int | None, source: str) -> dict:
+    """A RepDistiller/mdistiller state dict in the registry's ``arch`` layout, checked tensor by tensor
+    against the model (names only while the class count is unknown); one notice per file and process."""
+    expected = None
+    if num_classes is not None:
+        with torch.device("meta"):  # shapes without memory or RNG draws
+            expected = {k: v.shape for k, v in build_model(arch, num_classes).state_dict().items()}
+    converted = from_upstream(state, arch, expected, source)
+    if source not in _CONVERTED:
+        _CONVERTED.add(source)
+        told = "".join(f", {key} {float(obj[key]):g}" for key in ("epoch", "accuracy")
+                       if isinstance(obj.get(key), (int, float)) or (torch.is_tensor(obj.get(key)) and obj[key].numel() == 1))
+        print(f"notice: {source} is a RepDistiller/mdistiller {arch} file{told}: its {len(converted)} tensors "
+              f"were renamed to this toolkit's layout and checked", file=sys.stderr)
+    return converted
+
+
+def file_arch(path, what: str, default: str) -> str:
+    """The architecture a model file records, or ``default`` for a file from other code (which records none)."""
+    obj = safe_load(path, what)
+    return obj.get("arch", default) if obj.get("format") == FORMAT else default
 
 
 def load_model_file(path, model: nn.Module, arch: str, num_classes: int, what: str = "checkpoint",

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import dataload
-from dihkit.files.checkpoints import load_model_file, read_model_file
+from dihkit.files.checkpoints import file_arch, load_model_file, read_model_file
 from dih_utils import check_heads_folder, freeze
 from dihkit.foundations.errors import UserError
 from models_repo import build_model
@@ -87,7 +87,10 @@ def check_inputs(t: TrainingType | None, cfg: Settings) -> None:
             check_heads_folder(path, teacher, classes, cfg.data.dataset)
             continue
         what = f"--{name} checkpoint" if name != "saved_path" else "teacher checkpoint" if t else "checkpoint"
-        _, meta = read_model_file(path, teacher if name == "saved_path" else None, classes, what, cfg.data.dataset)
+        arch = teacher if name == "saved_path" else None
+        if t is None and name == "saved_path":  # the test mode: a file from other code is a --teacher
+            arch = file_arch(path, what, cfg.models.teacher)
+        _, meta = read_model_file(path, arch, classes, what, cfg.data.dataset)
         if known and meta.get("image_size") not in (None, known.image_size):
             raise UserError(f"{what} '{path}' was trained on {meta['image_size']}px images, "
                             f"but {known.name} has {known.image_size}px")
