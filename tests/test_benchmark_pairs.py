@@ -1,5 +1,6 @@
 """The benchmark's teacher/student pairs run end to end: one short epoch of ce (the teacher), fine_tune (its
-heads), kd and dih (the student) each, on tiny generated CIFAR-100 files (100 training images, 20 tested)."""
+heads), kd and dih (the student) each, on tiny generated CIFAR-100 files: one batch of 50 training images, 10
+tested."""
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torchvision.datasets.cifar
 
 from console import data_loaded_once, run_inprocess
 from dihkit.files.checkpoints import safe_load
-from test_seed_commands import write_tiny_cifar100
+import test_seed_commands
 
 # RepDistiller's and mdistiller's CIFAR-100 pairs (docs/BENCHMARK.md); the first runs by default, the
 # others as slow tests (CI runs them).
@@ -22,10 +23,11 @@ DEFAULT = {("resnet56", "resnet20")}
 def cifar100(tmp_path_factory):
     """A folder holding generated CIFAR-100 batches, read without torchvision's checksums."""
     folder = tmp_path_factory.mktemp("cifar100")
-    write_tiny_cifar100(folder)
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(test_seed_commands, "TRAIN_IMAGES", 50)  # one batch: the pairs' models are large
+        test_seed_commands.write_tiny_cifar100(folder)
         mp.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
-        with data_loaded_once(test_images=20):
+        with data_loaded_once(test_images=10):
             yield folder
 
 
