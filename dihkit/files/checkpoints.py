@@ -225,7 +225,8 @@ def read_model_file(path, arch: str | None, num_classes: int | None, what: str =
                     dataset: str | None = None) -> tuple[dict, dict]:
     """The state dict and metadata of model file ``path``, refused when its record names another architecture,
     class count or dataset, or when a weight is not finite (``None``: not checked; plain state dicts from
-    other code record nothing, so only their weights are checked here)."""
+    other code record nothing, so only their weights are checked here). A RepDistiller/mdistiller state dict
+    is renamed to ``arch``'s layout when ``arch`` is given (``convert_upstream``)."""
     obj = safe_load(path, what)
     if obj.get("format") == FORMAT:
         if obj.get("kind") != "model":
