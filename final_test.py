@@ -12,7 +12,7 @@ import dataload
 from dihkit.runs import distributed
 from dihkit.results import pipeline
 import training_types  # noqa: F401  (fills the registry)
-from dihkit.console.console_flags import build_parser, resolve_defaults
+from dihkit.console.console_flags import MILESTONE_FRACTIONS, build_parser, resolve_defaults, resolve_teacher
 from dihkit.console.devices import configure_backends, resolve_data_path, resolve_device
 from dihkit.runs.distributed import from_env
 from dihkit.foundations.errors import UserError
@@ -39,7 +39,8 @@ def validate(args, parser) -> None:
                         "--overwrite starts over")
     bad = [m for m in args.schedule or () if m > args.epochs]
     if bad:
-        raise UserError(f"--schedule milestone {bad[0]} is outside 1..{args.epochs} (--epochs)")
+        raise UserError(f"--schedule milestone {bad[0]} is outside 1..{args.epochs} (--epochs); leave --schedule out "
+                        f"for milestones at {', '.join(f'{x:.0%}' for x in MILESTONE_FRACTIONS)} of --epochs")
 
 
 def make_settings(args) -> Settings:
@@ -73,6 +74,7 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(args, parser)
+    resolve_teacher(args)
     if args.training_type == "pipeline":
         return pipeline.run_pipeline(args, parser, run)
     cfg = replace(make_settings(args), command=console_command(argv))

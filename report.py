@@ -243,7 +243,8 @@ def csv_text(table: Table) -> str:
 
 def write_report(folders, out: Path, plots: bool = False, against: str | None = None) -> str:
     """Build the table from ``folders``, write ``<out>.md``, ``<out>.csv`` (and plots); return the Markdown.
-    ``against``: a row label; the Markdown then ends with each method's difference from that row."""
+    ``against``: a row label or a training type; the Markdown then ends with each method's difference from
+    that row."""
     table = build_table(folders)
     text = markdown(table) + ("\n".join(["", *comparison_lines(table, against)]) if against else "")
     out = Path(out)
@@ -264,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output path without extension (default: <first RUN_FOLDER>/report)")
     p.add_argument("--plots", action="store_true", help="also write the per-epoch and by-depth plots as PNG")
     p.add_argument("--against", metavar="ROW", default=None,
-                   help="also list each method's difference from the row labelled ROW (e.g. kd) and whether it "
-                        "exceeds the spread across seeds")
+                   help="also list each method's difference from the row labelled ROW, or from the row of training "
+                        "type ROW (e.g. kd; ce: the student alone), and whether it exceeds the spread across seeds")
     return p
 
 

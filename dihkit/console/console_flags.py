@@ -4,7 +4,9 @@ Every numeric flag declares its range here (or in its training type's module); `
 all of them before anything is loaded.
 """
 import dataload
-from dihkit.foundations.flags import HelpFormatter, Parser, Range, add_flags, flag, parse_bool
+from dihkit.files.checkpoints import safe_load
+from dihkit.foundations.errors import UserError
+from dihkit.foundations.flags import HelpFormatter, Parser, Range, Unset, add_flags, flag, given, parse_bool
 from KD_Loss import LOGIT_STD_TEMPERATURE
 from models_repo import MODELS
 from dihkit.foundations.registry import REGISTRY, ordered
@@ -70,8 +72,9 @@ OPTIM_FLAGS = (
          help="lr decay factor at each milestone"),
 )
 DISTILL_FLAGS = (
-    flag("--teacher", default="res110", choices=list(MODELS),
-         help="teacher architecture (the model trained by --training_type ce)"),
+    flag("--teacher", default=Unset("res110"), choices=list(MODELS),
+         help="teacher architecture (the model trained by --training_type ce); a type that reads its teacher from "
+              "--saved_path takes the architecture that file records unless this flag is given"),
     flag("--student", default="res8", choices=list(MODELS), help="student architecture"),
     flag("--saved_path", default=None,
          help="the trained teacher checkpoint (or, with --training_type test, the model to evaluate) (default: none)"),
@@ -121,11 +124,26 @@ GROUPS = (
 )
 
 
+def resolve_teacher(args) -> None:
+    """``--teacher`` when not typed: for a command that reads its teacher from ``--saved_path`` (a type that
+    needs one, or a pipeline given one), the architecture that file records, as ``--training_type test``
+    reads it; else the default. A missing file is refused here, before any data is read."""
+    if given(args, "teacher"):
+        return
+    t = REGISTRY.get(args.training_type)
+    reads = args.training_type == "pipeline" or (t is not None and "teacher" in t.needs)
+    recorded = safe_load(args.saved_path, "teacher checkpoint").get("arch") if reads and args.saved_path else None
+    if recorded is not None and recorded not in MODELS:
+        raise UserError(f"teacher checkpoint '{args.saved_path}' holds a {recorded}, which this toolkit does not build")
+    args.teacher = str(recorded or args.teacher)
+
+
 def resolve_defaults(args) -> None:
-    """Fill in the defaults that depend on other flags, in place: the schedule follows ``--epochs``; shared
-    flags left unset take, in this order, logit standardisation's temperature (``--logit_std``, for a type
-    whose result depends on it), the training type's own default (registry ``flag_defaults``), the toolkit's;
-    the cache folder is the user's cache unless ``--no_cache``."""
+    """Fill in the defaults that depend on other flags, in place: the teacher (``resolve_teacher``); the
+    schedule follows ``--epochs``; shared flags left unset take, in this order, logit standardisation's
+    temperature (``--logit_std``, for a type whose result depends on it), the training type's own default
+    (registry ``flag_defaults``), the toolkit's; the cache folder is the user's cache unless ``--no_cache``."""
+    resolve_teacher(args)
     if args.schedule is None:
         args.schedule = default_milestones(args.epochs)
     args.cache_dir = None if args.no_cache else (args.cache_dir or dataload.default_cache_dir())
@@ -136,6 +154,23 @@ def resolve_defaults(args) -> None:
     for dest in {*SHARED_DEFAULTS, *own}:
         if getattr(args, dest, None) is None:
             setattr(args, dest, own.get(dest, SHARED_DEFAULTS.get(dest)))
+
+
+# --help opens with these: a teacher, its heads and a DIH student, small enough for a CPU (the teacher's
+# architecture is read from its file), then the shared groups, then one group per training type.
+EXAMPLES = (
+    "--training_type ce --teacher res20 --dataset synthetic --epochs 2 --seed 3 --gpu_id cpu "
+    "--path_to_save runs/teacher.pth",
+    "--training_type fine_tune --saved_path runs/teacher.pth --dataset synthetic --epochs 2 --seed 3 --gpu_id cpu "
+    "--path_to_save runs/heads",
+    "--training_type dih --student res8 --saved_path runs/teacher.pth --saved_intermediates_directory runs/heads "
+    "--dataset synthetic --epochs 2 --seed 3 --gpu_id cpu --path_to_save runs/dih_model.pth",
+)
+DESCRIPTION = "\n".join([
+    "Train teachers, heads and students for DIH and its baselines. These three commands train a teacher, its "
+    "heads and a DIH student on generated data on the CPU.", *(f"  python3 final_test.py {e}" for e in EXAMPLES),
+    "Then --training_type test --saved_path runs/dih_model.pth evaluates the student. The shared flags come "
+    "first, then one group per training type; every flag with its default: docs/FLAGS.md."])
 
 
 def pipeline_flags(methods: list) -> tuple:
@@ -154,7 +189,7 @@ def pipeline_flags(methods: list) -> tuple:
 def build_parser(prog: str = "final_test.py") -> Parser:
     """Every flag of the method's hyper-parameter table and the toolkit's own, grouped, with defaults."""
     types = ordered()
-    p = Parser(prog=prog, description="Train teachers, heads and students for DIH and its baselines.",
+    p = Parser(prog=prog, usage="%(prog)s [--training_type TYPE] [FLAG ...]", description=DESCRIPTION,
                formatter_class=HelpFormatter)
     p.add_argument("--training_type", default="dih", choices=[t.name for t in types] + list(MODES),
                    help="what to train: " + "; ".join(f"{t.name}: {t.summary}" for t in types)

@@ -4,6 +4,7 @@ Every numeric flag must carry a ``Range``; the console checks every value agains
 loaded, so ``inf``, ``nan`` and out-of-range values end in one sentence (``check_ranges``).
 """
 import argparse
+import difflib
 import math
 from dataclasses import dataclass, field
 
@@ -73,16 +74,54 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True/False, 1/0 or yes/no, got '{text}'")
 
 
+# How argparse starts its message for flags no parser declares.
+UNRECOGNIZED = "unrecognized arguments: "
+
+
+class Unset(str):
+    """A flag's default value, told apart from the same value typed on the command line (``given``): the
+    console may then replace it with what an input file records."""
+
+
+def given(args, dest: str) -> bool:
+    """Whether flag ``dest`` was typed on the command line (its default is an ``Unset``)."""
+    return not isinstance(getattr(args, dest), Unset)
+
+
 class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line on stderr and exit code 2."""
 
     def error(self, message):
         """Print one sentence and exit 2 (argparse would also print the whole usage)."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}{self.suggestions(message)}\n")
+
+    def suggestions(self, message: str) -> str:
+        """For argparse's ``unrecognized arguments`` message, the known flags closest to each unknown one:
+        ``; did you mean --temperature?`` (empty when none is close)."""
+        if not message.startswith(UNRECOGNIZED):
+            return ""
+        owner = {option: action for action in self._actions for option in action.option_strings}
+        unknown = [word.split("=")[0] for word in message[len(UNRECOGNIZED):].split() if word.startswith("--")]
+        hints = []
+        for word in unknown:
+            close = []
+            for option in difflib.get_close_matches(word, owner, n=4, cutoff=0.6):
+                # Each flag once, by its closest spelling: --temperature, not also its alias --kd_temperature.
+                if all(owner[option] is not owner[c] for c in close):
+                    close.append(option)
+            close = close[:2]
+            if close:
+                hints.append(("" if len(unknown) == 1 else f"for {word}, ") + f"did you mean {' or '.join(close)}?")
+        return "".join(f"; {hint}" for hint in hints)
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Shows every flag's default once: appended unless the help already states it."""
+    """Shows every flag's default once: appended unless the help already states it. In a description, a line
+    indented by two spaces (an example command) is kept as it is; the other lines are filled."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n".join(indent + line if line.startswith("  ") else super(HelpFormatter, self)._fill_text(
+            line, width, indent) for line in text.splitlines())
 
     def _get_help_string(self, action):
         text = action.help or ""

@@ -33,13 +33,25 @@ def beyond_spread(a: list, b: list) -> bool | None:
     return abs(ma - mb) > sa + sb
 
 
-def comparison_lines(table: Table, against: str) -> list:
-    """Markdown: per column, each method row's last-epoch difference from the row labelled ``against``."""
-    rows = table.rows()
-    reference = next((row for row in rows if row.label == against), None)
-    if reference is None:
-        labels = ", ".join(f"'{row.label}'" for row in rows if row.is_method)
+def reference_row(rows: list, against: str):
+    """The row ``--against`` names: by its label, else the one method row of that training type (``ce`` for
+    the row labelled ``ce (student alone)``)."""
+    found = ([row for row in rows if row.label == against]
+             or [row for row in rows if row.is_method and row.kind == against])
+    labels = ", ".join(f"'{row.label}'" for row in (found if len(found) > 1 else [r for r in rows if r.is_method]))
+    if not found:
         raise UserError(f"--against '{against}' names no row of the table; its method rows: {labels}")
+    if len(found) > 1:
+        raise UserError(f"--against '{against}' names {len(found)} rows: {labels}; give one row's label")
+    return found[0]
+
+
+def comparison_lines(table: Table, against: str) -> list:
+    """Markdown: per column, each method row's last-epoch difference from the row ``against`` names
+    (``reference_row``)."""
+    rows = table.rows()
+    reference = reference_row(rows, against)
+    against = reference.label
     out = [f"## Differences from {against} (test top-1, last epoch)", "",
            f"Beyond the seed spread: both rows have n >= 2 and |difference| > std + std ({against}), that is, "
            "the intervals mean ± std do not overlap. Welch's t and its degrees of freedom are for reference.", ""]

@@ -5,7 +5,6 @@ A run's trained inputs are ``--saved_path`` and ``--saved_intermediates_director
 ``check_inputs`` reads their records before any data is: what a file says of itself (architecture, classes,
 dataset, image size, digest, finite weights) is refused there, before anything is loaded or written.
 """
-import os
 from pathlib import Path
 
 import torch
@@ -70,19 +69,29 @@ def trained_inputs(t: TrainingType | None, cfg: Settings) -> list[tuple[str, Pat
     return [(name, Path(value), name.endswith("_directory")) for name, value in given.items() if value]
 
 
+def check_needs(t: TrainingType | None, cfg: Settings) -> None:
+    """Refuse a training type's command that lacks a trained input its type ``needs``."""
+    needs = t.needs if t is not None else {"teacher"}
+    name = t.name if t is not None else "test"
+    if "teacher" in needs and cfg.models.saved_path is None:
+        what = "the trained teacher checkpoint" if t is not None else "the model to evaluate"
+        raise UserError(f"{name} needs --saved_path ({what})")
+    if "heads" in needs and cfg.models.heads_dir is None:
+        raise UserError(f"{name} needs --saved_intermediates_directory (the heads written by --training_type fine_tune)")
+
+
 def check_inputs(t: TrainingType | None, cfg: Settings) -> None:
     """Refuse trained inputs from their files alone, before any data is read: a teacher of another
     architecture, any model file or heads folder of another class count (built-in datasets), dataset or
     image size, a corrupted file (digest), non-finite weights, a heads folder with strays or a missing or
-    extra head. A missing input is left to the training type, whose own checks of the flags come first."""
+    extra head; and a missing one: a needed input not given, a path that names nothing."""
+    check_needs(t, cfg)
     known = dataload.known_info(cfg.data.dataset)
     classes = known.num_classes if known else None
     teacher = cfg.models.teacher if t is not None else None  # the test mode reads the architecture from the file
     for name, path, is_folder in trained_inputs(t, cfg):
-        if not os.path.exists(path):  # also a name too long to look up: the training type reports it
-            continue
         if is_folder:
-            if not path.is_dir():
+            if path.is_file():
                 raise UserError(f"--{name} '{path}' is a file, not a folder of heads")
             check_heads_folder(path, teacher, classes, cfg.data.dataset)
             continue

@@ -274,8 +274,8 @@ def _missing_split_message(root: Path, folder: Path) -> str:
         source, made = "CLASS_FOLDERS", "NEW_FOLDER"
     return (
         f"Image folder dataset needs {folder} with one subfolder per class; to make train/ and test/ from a"
-        f" folder of class subfolders, run `{_SPLIT_HELPER} {source} {made} --test_per_class 500`"
-        f" and pass {made} as --data_dir."
+        f" folder of class subfolders, run `{_SPLIT_HELPER} {source} {made}` (it sizes the test split from the"
+        f" folder and prints the command to train) and pass {made} as --data_dir."
     )
 
 
