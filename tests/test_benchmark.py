@@ -91,6 +91,19 @@ def test_a_published_checkpoint_loads_and_computes_the_same_function(arch, tmp_p
         torch.testing.assert_close(model.double().eval()(x), forward_of(arch)(weights, x), rtol=1e-9, atol=1e-9)
 
 
+def test_a_published_student_file_loads_too(tmp_path, capsys):
+    # RepDistiller's train_student.py saves {'model': state_dict} only: no epoch or accuracy to report.
+    state = random_state(layout("resnet8x4"), 2)
+    torch.save({"model": state}, tmp_path / "resnet8x4_best.pth")
+    model = build_model("resnet8x4", 100).double().eval()
+    load_model_file(tmp_path / "resnet8x4_best.pth", model, "resnet8x4", 100, "checkpoint")
+    assert "is a RepDistiller/mdistiller resnet8x4 file: its" in capsys.readouterr().err
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    weights = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), forward_of("resnet8x4")(weights, x), rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("published, arch, message", [
     ("resnet110", "resnet56", r"key 'layer1\.9\.conv1\.weight' \(16, 16, 3, 3\) has no counterpart in a resnet56"),
     ("wrn_40_2", "resnet56", r"key 'block1\.layer\.0\.bn1\.weight' \(16,\) matches none of its rules"),
