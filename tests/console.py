@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # A tiny but complete recipe: generated data, small models, one epoch on CPU.
 TINY = ["--dataset", "synthetic", "--train_subset", "600", "--epochs", "1", "--schedule", "1", "--seed", "3",
         "--gpu_id", "cpu", "--batch_size", "64", "--teacher", "res14", "--student", "res8"]
+# The distillation tests' world (conftest's noisy_labels_teacher): 8px colour classes, res8 teacher and student.
+NOISY_WORLD = ["--dataset", "imagefolder", "--gpu_id", "cpu", "--num_workers", "0", "--teacher", "res8",
+               "--student", "res8", "--no_cache"]
 
 
 def run_inprocess(args, capsys=None) -> int:

@@ -21,17 +21,26 @@ from console import ROOT, TINY
 CLASSES = 4
 
 
-def make_imagefolder(root: Path, train_per_class: int = 30, test_per_class: int = 10, size: int = 16) -> Path:
-    """Write ``root/{train,test}/<class>/<n>.png``: each class a colour, with noise so it is learnable."""
-    rng = np.random.default_rng(0)
-    colours = rng.integers(40, 215, size=(CLASSES, 3))
+def make_imagefolder(root: Path, train_per_class: int = 30, test_per_class: int = 10, size: int = 16,
+                     label_noise: float = 0.0, spread: float = 40.0, classes: int = CLASSES) -> Path:
+    """Write ``root/{train,test}/<class>/<n>.png`` for ``classes`` classes: each class a colour, with noise of
+    std ``spread`` (of 255) so that it is learnable.
+
+    With ``label_noise`` that fraction of the training images (drawn by a generator of its own, so the pixels
+    are the same with any value) is filed under a class drawn at random, as ``<true class>_<n>.png``.
+    """
+    rng, relabel = np.random.default_rng(0), np.random.default_rng(1)
+    colours = rng.integers(40, 215, size=(classes, 3))
     for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for c in range(CLASSES):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True, exist_ok=True)
+        for c in range(classes):
             for n in range(count):
-                pixels = colours[c] + rng.normal(0, 40, size=(size, size, 3))
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{n}.png")
+                pixels = colours[c] + rng.normal(0, spread, size=(size, size, 3))
+                noisy = split == "train" and label_noise and relabel.random() < label_noise
+                k = int(relabel.integers(0, classes)) if noisy else c
+                folder = root / split / f"class_{k}"
+                folder.mkdir(parents=True, exist_ok=True)
+                name = f"{n}.png" if k == c else f"{c}_{n}.png"
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / name)
     return root
 
 

@@ -2,7 +2,8 @@
 
 Each case (``bad_inputs``) prepares what it needs, snapshots the whole temporary tree (names, sizes,
 modification times), runs the console in-process and checks the tree again; a few run as real processes
-to check the exit code and the absence of a traceback end to end.
+to check the exit code and the absence of a traceback end to end. The decode cache lives inside that tree
+(``--cache_dir``, and ``XDG_CACHE_HOME`` for the default), so a refused command that writes one is caught too.
 """
 import os
 import signal
@@ -16,12 +17,25 @@ from console import run_inprocess
 from faults import make_imagefolder, recipe, start, tree
 
 
+def cached_recipe(base, epochs: int = 3) -> list:
+    """The recipe on the module's data, its decode cache inside the checked tree."""
+    return [*recipe(base / "data", epochs), "--cache_dir", base / "cache"]
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """Data, a teacher, its heads, a perturbed copy of the teacher, and a KD run interrupted in epoch 2."""
+    """Data, a teacher, its heads, a perturbed copy of the teacher, and a KD run interrupted in epoch 2; the
+    user's cache folder (``XDG_CACHE_HOME``) inside the tree for the module's tests."""
     base = tmp_path_factory.mktemp("bad")
-    data = make_imagefolder(base / "data")
-    one = recipe(data, epochs=1)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("XDG_CACHE_HOME", str(base / "xdg"))
+        yield prepared(base)
+
+
+def prepared(base):
+    """``base`` with everything the cases use (see ``base``)."""
+    make_imagefolder(base / "data")
+    one = cached_recipe(base, epochs=1)
     assert run_inprocess([*one, "--training_type", "ce", "--path_to_save", base / "teacher.pth"]) == 0
     assert run_inprocess([*one, "--training_type", "fine_tune", "--saved_path", base / "teacher.pth",
                           "--path_to_save", base / "heads"]) == 0
@@ -37,7 +51,7 @@ def base(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_kd.Distillation, "forward", interrupt_in_epoch_2)
-        code = run_inprocess([*recipe(data), "--training_type", "kd", "--saved_path", base / "teacher.pth",
+        code = run_inprocess([*cached_recipe(base), "--training_type", "kd", "--saved_path", base / "teacher.pth",
                               "--path_to_save", base / "interrupted" / "kd.pth"])
     assert code == 128 + signal.SIGINT and (base / "interrupted" / "kd.state.pth").is_file()
     (base / "cases").mkdir()
@@ -47,7 +61,7 @@ def base(tmp_path_factory):
 def command(base, folder, args) -> list:
     """The recipe as CE (a case's flags override both), writing into the case's folder unless it says where."""
     out = [] if "--path_to_save" in map(str, args) else ["--path_to_save", folder / "out.pth"]
-    return [*recipe(base / "data"), "--training_type", "ce", *args, *out]
+    return [*cached_recipe(base), "--training_type", "ce", *args, *out]
 
 
 def check_refused(code: int, err: str, expected: str) -> None:
@@ -58,7 +72,15 @@ def check_refused(code: int, err: str, expected: str) -> None:
     assert "error: " in err and expected in err, err
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# Refused, but only after writing something: known faults, each to be fixed (strict: a fixed one fails here).
+WRITES_BEFORE_REFUSING = {
+    "resume_on_other_data_files": "the new --data_dir's decode cache is written before --resume compares the data",
+}
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.xfail(reason=WRITES_BEFORE_REFUSING[case],
+                                                                            strict=True))
+                                  if case in WRITES_BEFORE_REFUSING else case for case in sorted(CASES)])
 def test_bad_input_is_refused_without_touching_files(base, case, capsys):
     build, expected = CASES[case]
     folder = base / "cases" / case

@@ -10,9 +10,12 @@ taken just before the phase's first step and again after its last (under a forke
 never changes what the run draws).
 
 A registered type without an entry in ``CHECKS`` fails ``test_every_type_learns`` under its own name:
-adding a type means adding its check here.
+adding a type means adding its check here. A falling term shows that the student learns, not that it learns
+from its teacher (a student trained on labels alone also brings its KL to the teacher down):
+``tests/test_distillation.py`` shows that.
 """
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -102,11 +105,9 @@ def mhkd_final_kd(m, x, y):
 @dataclass(frozen=True)
 class Check:
     """What one type's learning test measures, ``{phase: {term name: fn(method, x, y)}}``; its own flags;
-    ``{flag: type}``, flags naming another type's output; and the fraction of its value before training
-    that each term must end at or below."""
+    and the fraction of its value before training that each term must end at or below."""
     terms: dict
     flags: tuple = ()
-    uses: dict = field(default_factory=dict)
     fall: float = FALLEN
 
 
@@ -121,16 +122,19 @@ CHECKS = {
     "kd": Check({"kd": {"KL to the teacher": distillation_term}}),
     "dih": Check({"dih": {"KL to the cohort, summed": distillation_term}}),
     # NCKD weight 2 (mdistiller's for res110 -> res32): with the default 8 this run's NCKD rises (2.13 -> 3.04)
-    # while TCKD falls, at lr 0.1 within the warm-up; with 2 both fall.
-    "dkd": Check({"dkd": {"TCKD + NCKD to the teacher": distillation_term}}, ("--dkd_beta", "2")),
+    # while TCKD falls, at lr 0.1 within the warm-up; with 2 both fall. A 2-epoch warm-up, so that the run's
+    # last epoch trains the terms at their full weight.
+    "dkd": Check({"dkd": {"TCKD + NCKD to the teacher": distillation_term}}, ("--dkd_beta", "2", "--dkd_warmup", "2")),
     "dist": Check({"dist": {"inter + intra to the teacher": distillation_term}}),
     "fitnets": Check({"fitnets_1": {"hint loss": own_objective}}, ("--epochs_fitnets_1", "2")),
-    # The assistant's hop is kd's run exactly (same flags, seed and data): kd's student is the assistant.
-    "takd": Check({"takd": {"KL to the assistant": distillation_term}}, ("--ta", "res8"),
-                  uses={"--saved_ta_path": "kd"}),
+    # Both hops train here; the assistant starts from other weights than the student (drawn before it).
+    "takd": Check({"takd_ta": {"KL to the teacher": distillation_term},
+                   "takd": {"KL to the assistant": distillation_term}}, ("--ta", "res8")),
     "at": Check({"at": {"attention term": attention_term}}),
-    # 39 steps move the NCE term from about 15 by roughly a tenth; aligned embeddings would take it near 2.
-    "crd": Check({"crd": {"contrastive term": contrastive_term}}, fall=0.95),
+    # 39 steps move the NCE term from about 15 by roughly a tenth; aligned embeddings would take it near 2. The
+    # memory banks' updates move it too: with the term's weight at 0.001 (--beta) it ends at 0.967, 0.989 and
+    # 0.942 of its value (seeds 7, 8, 9), at its weight 0.8 at 0.922, 0.865 and 0.899: the limit lies between.
+    "crd": Check({"crd": {"contrastive term": contrastive_term}}, fall=0.93),
     # TOFD's classifiers and MHKD's heads cost several students each: two epochs keep the module's time in bounds.
     "tofd": Check({"tofd": {"feature distance": tofd_feature, "soft CE above the teacher's entropy": tofd_soft_ce}},
                   ("--epochs", "2", "--schedule", "1")),
@@ -157,6 +161,7 @@ class Lab:
     def __init__(self, folder):
         self.folder = folder
         self.phases = {}            # (type, phase) -> (result record, terms before, terms after)
+        self.starts = {}            # (type, phase) -> the student's weights when the phase starts
         self.batch = None           # the fixed (x, y), taken from the first run's training split
 
     def observe(self, trainer, run) -> dict:
@@ -168,6 +173,8 @@ class Lab:
             self.batch = (dataload.normalize(data.train.images[:FIXED_IMAGES], data.info.mean, data.info.std),
                           data.train.labels[:FIXED_IMAGES])
         before = measure(terms, trainer.method, self.batch)
+        if hasattr(trainer.method, "student"):
+            self.starts[(name, trainer.phase)] = {k: v.clone() for k, v in trainer.method.student.state_dict().items()}
         record = run(trainer)
         self.phases[(name, trainer.phase)] = (record, before, measure(terms, trainer.method, self.batch))
         return record
@@ -187,9 +194,6 @@ class Lab:
         if "heads" in t.needs:
             self.run("fine_tune")
             inputs += ["--saved_intermediates_directory", self.output("fine_tune")]
-        for flag, other in CHECKS[name].uses.items():
-            self.run(other)
-            inputs += [flag, self.output(other)]
         argv = [*BASE, "--training_type", name, "--path_to_save", self.output(name), *inputs, *CHECKS[name].flags]
         assert run_inprocess(argv) == 0, f"{name}: the run failed"
 
@@ -219,5 +223,34 @@ def test_every_type_learns(lab, name):
              for _, before, after in [lab.phases[(name, phase)]] for term in terms]
     print(f"\n{name}: test top-1 {top1:.1f}%" + "".join(f"\n  {t}: {b:.4f} -> {a:.4f}" for t, b, a in moves))
     assert top1 >= MIN_TOP1, f"{name} ended at {top1:.1f}% test top-1 (chance: {CHANCE:.0f}%)"
-    stuck = [f"{t} went from {b:.4f} to {a:.4f}" for t, b, a in moves if a > CHECKS[name].fall * b]
-    assert not stuck, f"{name}: " + "; ".join(stuck)
+    assert not unmoved(moves, CHECKS[name].fall), f"{name}: " + "; ".join(unmoved(moves, CHECKS[name].fall))
+
+
+def unmoved(moves, fall: float) -> list:
+    """The terms that did not fall to ``fall`` times their value before training; a term that was not
+    positive and finite before, or is not finite after, counts as unmoved (a term always 0 cannot fall)."""
+    return [f"{t} went from {b:.4f} to {a:.4f}" for t, b, a in moves
+            if not (b > 0 and math.isfinite(b) and math.isfinite(a) and a <= fall * b)]
+
+
+def test_a_term_that_is_zero_or_not_finite_has_not_fallen():
+    assert unmoved([("t", 1.0, 0.5)], 0.8) == []
+    assert unmoved([("t", 1.0, 0.9)], 0.8) == ["t went from 1.0000 to 0.9000"]
+    for before, after in ((0.0, 0.0), (-1.0, -2.0), (math.nan, 0.1), (math.inf, 1.0), (1.0, math.nan)):
+        assert len(unmoved([("t", before, after)], 0.8)) == 1, (before, after)
+
+
+def test_fitnets_stage_2_starts_from_stage_1s_guided_layers(lab):
+    """Stage 2 starts from stage 1's export: its guided layers (stem and stages up to the guided one) are the
+    trained ones, not a fresh student's; the layers above them kept their initial weights in stage 1."""
+    lab.run("fitnets")
+    fresh, second = lab.starts[("fitnets", "fitnets_1")], lab.starts[("fitnets", "fitnets_2")]
+    record = torch.load(lab.output("fitnets"), weights_only=True)
+    exported, guided = record["state_dict"], record["guided_layer"]
+    assert second.keys() == exported.keys()
+    assert all(torch.equal(second[k], exported[k]) for k in second), "stage 2 starts from stage 1's export"
+    below = ("stem.", *(f"stages.{i}." for i in range(guided + 1)))
+    weights = [k for k in second if k.endswith(".weight") and k.startswith(below)]
+    assert weights and all(not torch.equal(second[k], fresh[k]) for k in weights), "the guided layers were trained"
+    above = [k for k in second if k.endswith(".weight") and not k.startswith(below)]
+    assert above and all(torch.equal(second[k], fresh[k]) for k in above)

@@ -5,12 +5,16 @@ references train in this process); the resumed runs go through the console in-pr
 SIGTERM mid-epoch, a two-stage method killed in its second stage, and refused resumes.
 """
 import json
+import shutil
 import signal
 import threading
 
 import pytest
 import torch
 
+import dataload
+import train_funcs
+from dihkit.files.checkpoints import atomic_save
 from dihkit.foundations.registry import REGISTRY
 from console import run_inprocess
 from faults import kill_after_first_epoch, make_imagefolder, recipe, start, wait_for_state
@@ -102,6 +106,9 @@ def world(tmp_path_factory):
                                     base / "run" / "sigterm" / "m.state.pth")
     for kind in TYPES:
         assert run_inprocess(command(kind, base, base / "ref" / kind)) == 0, kind
+    # A copy of kd's killed run, for the test that alters its checkpoint (the other resumes it in place).
+    collect(jobs["kd"])
+    shutil.copytree(base / "run" / "kd", base / "altered")
     assert run_inprocess(fitnets_command(base, base / "ref" / "fitnets")) == 0
     assert run_inprocess(sigterm_command(base, base / "ref" / "sigterm")) == 0
     return base, {name: collect(job) for name, job in jobs.items()}
@@ -198,3 +205,38 @@ def test_finished_run_is_skipped_on_resume_and_its_arguments_checked(world, caps
     assert (folder / "m.pth").read_bytes() == before
     assert run_inprocess([*command("kd", base, folder), "--resume", "--kd_alpha", "0.5"]) == 2
     assert "--kd_alpha was 0.1" in capsys.readouterr().err
+
+
+def test_resume_follows_the_checkpoint_and_trains_only_the_epochs_left(world, monkeypatch):
+    """A restart from scratch is bit-identical to a resume (both deterministic), so this test changes what only
+    the checkpoint carries, the data generator's state, and shows the resumed run draws its batches from the
+    altered state; it also counts the batches the resumed process trains: two epochs of three."""
+    base, _ = world
+    folder = base / "altered"
+    state = torch.load(folder / "m.state.pth", weights_only=True)
+    original = state["rng"][0]["data"]
+    state["rng"][0]["data"] = torch.Generator().manual_seed(12345).get_state()
+    atomic_save(state, folder / "m.state.pth")
+    trained, real_step = [], train_funcs.Trainer.step
+
+    def step(trainer, x, y, idx, b, *rest):
+        trained.append((trainer.ctx, b, idx.clone()))
+        return real_step(trainer, x, y, idx, b, *rest)
+
+    monkeypatch.setattr(train_funcs.Trainer, "step", step)
+    assert run_inprocess([*command("kd", base, folder), "--resume"]) == 0
+    ctx = trained[0][0]
+
+    def first_batch(generator_state):
+        """The sample indices of the first batch an epoch draws from a data generator in this state."""
+        generator = torch.Generator()
+        generator.set_state(generator_state)
+        batches = dataload.train_batches(ctx.data.train, ctx.info, ctx.cfg.data.batch_size, "cpu", generator,
+                                         ctx.cfg.data.data_path, 0)
+        return next(iter(batches))[2]
+
+    per_epoch = train_funcs.num_train_batches(len(ctx.data.train), ctx.cfg.data.batch_size, 1)
+    assert per_epoch > 1 and len(trained) == 2 * per_epoch, "the resumed process trains epochs 2 and 3 only"
+    assert [b for _, b, _ in trained] == [*range(per_epoch)] * 2
+    assert torch.equal(trained[0][2], first_batch(state["rng"][0]["data"])), "epoch 2 follows the altered state"
+    assert not torch.equal(trained[0][2], first_batch(original)), "the altered state draws other batches"
