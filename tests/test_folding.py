@@ -106,3 +106,23 @@ def test_a_run_folds_its_cohort_and_records_the_unfolded_fingerprint(tmp_path):
     assert trainer.cohort_id == expected_id
     assert batch_norm_count(method.cohort.teacher) == 0 and batch_norm_count(teacher) > 0
 
+
+
+def test_tofd_and_mhkd_cohorts_give_the_same_outputs_folded():
+    """Their frozen heads carry batch norms of their own (TOFD: copies of the later stages; MHKD: conv-BN-ReLU)."""
+    import training_types  # noqa: F401  (the methods' modules import the registry's types)
+    from MHKD.mhkd import build_multi_heads
+    from TOFD.tofd import build_aux, classifier_outputs
+    teacher = randomise_batch_norms(build_model("res8", CLASSES))
+    x = torch.randn(2, 3, 32, 32)
+    tofd = (randomise_batch_norms(build_aux("res8", CLASSES), 1),
+            lambda c: [t for pair in classifier_outputs(c.teacher, c.heads, x) for t in pair])
+    mhkd = (randomise_batch_norms(build_multi_heads(teacher, CLASSES, 32), 2), lambda c: c(x))
+    for heads, run in (tofd, mhkd):
+        cohort = Cohort(teacher, heads)
+        with torch.no_grad():
+            expected = run(cohort)
+            assert cohort.fold() > batch_norm_count(teacher)  # the heads' batch norms are folded too
+            got = run(cohort)
+        for g, e in zip(got, expected, strict=True):
+            assert relative(g, e) < 1e-4
