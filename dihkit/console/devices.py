@@ -54,7 +54,8 @@ def resolve_data_path(choice: str, data: dataload.DataBundle, device: torch.devi
 def native_bfloat16() -> str | None:
     """The CPU's native bfloat16 instructions as PyTorch's cpuinfo reports them (the capabilities oneDNN
     dispatches on): ``AMX-BF16``, ``AVX512-BF16`` or None. Tests replace this function."""
-    caps = torch.cpu.get_capabilities()
+    # get_capabilities is recent (torch 2.14 has it); without it nothing is assumed, and float32 stays.
+    caps = getattr(torch.cpu, "get_capabilities", dict)()
     if caps.get("amx_bf16"):
         return "AMX-BF16"
     return "AVX512-BF16" if caps.get("avx512_bf16") else None

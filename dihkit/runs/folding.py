@@ -58,10 +58,15 @@ def fold_in_place(module: nn.Module) -> int:
         return sum(fold_in_place(child) for child in module.children())
     pairs = conv_bn_pairs(module, graph)
     for conv_name, bn_name in pairs:
-        module.set_submodule(conv_name, fuse_conv_bn_eval(module.get_submodule(conv_name),
-                                                          module.get_submodule(bn_name)))
-        module.set_submodule(bn_name, nn.Identity())
+        replace(module, conv_name, fuse_conv_bn_eval(module.get_submodule(conv_name), module.get_submodule(bn_name)))
+        replace(module, bn_name, nn.Identity())
     return len(pairs)
+
+
+def replace(module: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of ``module``'s submodule at the dotted path ``name`` (any torch this toolkit runs on)."""
+    parent, _, child = name.rpartition(".")
+    setattr(module.get_submodule(parent), child, new)
 
 
 def folded(module: nn.Module) -> tuple[nn.Module, int]:
