@@ -9,6 +9,7 @@ from torch import nn
 
 from dihkit.files.checkpoints import FORMAT, atomic_save, check_finite, check_state_dict, digest_tensors, safe_load
 from dihkit.foundations.errors import UserError
+from dihkit.runs.folding import folded
 
 # The exact name of head i (1, 2, ... without leading zeros); anything else named like a head is a stray.
 HEAD_FILE = re.compile(r"^head_([1-9][0-9]*)\.pth$")
@@ -67,6 +68,14 @@ class Cohort:
         self.teacher.to(*args, **kwargs)
         self.heads.to(*args, **kwargs)
         return self
+
+    def fold(self) -> int:
+        """Replace teacher and heads by copies whose batch norms are folded into the convolutions before them
+        (``dihkit.runs.folding``; the modules given stay as they were): the same outputs up to float rounding,
+        in fewer passes. Returns how many batch norms were folded."""
+        self.teacher, in_teacher = folded(self.teacher)
+        self.heads, in_heads = folded(self.heads)
+        return in_teacher + in_heads
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ from dihkit.runs import distributed
 from dihkit.results import pipeline
 import training_types  # noqa: F401  (fills the registry)
 from dihkit.console.console_flags import MILESTONE_FRACTIONS, build_parser, resolve_defaults, resolve_teacher
-from dihkit.console.devices import configure_backends, resolve_data_path, resolve_device
+from dihkit.console.devices import configure_backends, resolve_data_path, resolve_device, resolve_speed
 from dihkit.runs.distributed import from_env
 from dihkit.foundations.errors import UserError
 from dihkit.console.evaluate_checkpoint import evaluate_saved
@@ -82,6 +82,9 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     distributed.check_devices(dist, args.gpu_id)
     device = resolve_device(args.gpu_id, dist.local_rank)
     configure_backends(cfg.run.deterministic)
+    cfg = replace(cfg, run=resolve_speed(cfg.run, device))
+    if dist.is_main:
+        print(f"precision: {cfg.run.speed_reason}", flush=True)
     t = REGISTRY.get(cfg.training_type)
     if args.summary:
         trains_teacher = t is None or t.trains == "teacher"

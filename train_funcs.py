@@ -39,19 +39,31 @@ def make_optimizer(params, cfg: OptimSettings):
     return opt, sched
 
 
+def prepare_cohort(cohort, ctx: RunContext) -> int:
+    """Make a frozen cohort ready for the run's inference: its batch norms folded into the convolutions before
+    them (``Cohort.fold``; the bench turns this off to measure it), then the run's memory format. Returns
+    how many batch norms were folded."""
+    count = cohort.fold() if ctx.cfg.run.fold else 0
+    if ctx.cfg.run.channels_last:
+        cohort.to(memory_format=torch.channels_last)
+    return count
+
+
 def prepare_step(method: Method, ctx: RunContext) -> nn.Module:
     """Put ``method`` and its frozen cohort on the run's device and memory format; return the step callable.
 
-    ``--channels_last`` converts the cohort too: it is not a submodule, so ``method.to`` never reaches it.
+    The cohort is prepared apart (``prepare_cohort``): not a submodule, ``method.to`` never reaches it.
     The callable is ``method``, wrapped in DDP under torchrun, and with ``--compile`` the wrapped module is
     compiled (Dynamo then splits the graph at DDP's gradient buckets, so their all-reduce still overlaps the backward).
     """
     run = ctx.cfg.run
     method.to(ctx.device)
+    if method.cohort is not None:
+        folded = prepare_cohort(method.cohort, ctx)
+        if folded:
+            ctx.say(f"frozen cohort: {folded} batch norms folded into the convolutions before them")
     if run.channels_last:
         method.to(memory_format=torch.channels_last)
-        if method.cohort is not None:
-            method.cohort.to(memory_format=torch.channels_last)
     model = ctx.dist.wrap(method, ctx.device, run.sync_bn, method.find_unused_parameters)
     return torch.compile(model) if run.compile else model
 
@@ -59,8 +71,9 @@ def prepare_step(method: Method, ctx: RunContext) -> nn.Module:
 def forward_loss(step_fn, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, ctx: RunContext):
     """One training forward as the trainer runs it: ``(float32 loss, logits)``.
 
-    The input is made channels-last with ``--channels_last``; the whole forward, the frozen cohort's pass
-    included, runs under ``--amp`` autocast (the backward pass is outside it, as autocast requires).
+    The input is made channels-last with ``--memory_format channels_last``; the whole forward, the frozen
+    cohort's pass included, runs under bf16 autocast with ``--precision bf16`` (the backward pass is outside it,
+    as autocast requires).
     """
     if ctx.cfg.run.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -180,6 +193,8 @@ class Trainer:
     def __init__(self, method: Method, ctx: RunContext, paths: RunPaths, cfg: OptimSettings, phase: str, meta: dict):
         self.method, self.ctx, self.paths, self.phase, self.meta = method, ctx, paths, phase, meta
         self.dist, self.device = ctx.dist, ctx.device
+        # The cohort as loaded, before prepare_step folds it: resume must not depend on this device's rounding.
+        self.cohort_id = cohort_fingerprint(method)
         self.step_fn = prepare_step(method, ctx)
         trainable = [p for p in method.parameters() if p.requires_grad]
         if ctx.cfg.run.scale_lr:
@@ -187,7 +202,6 @@ class Trainer:
         self.cfg = cfg
         self.opt, self.sched = make_optimizer(trainable, cfg)
         self.generator = torch.Generator().manual_seed(ctx.seed)
-        self.cohort_id = cohort_fingerprint(method)
         self.data_id = dataload.data_fingerprint(ctx.data)
         self.record = {"format": FORMAT, "training_type": ctx.cfg.training_type, "phase": phase, "seed": ctx.seed,
                        "cohort": self.cohort_id, "data": self.data_id, "args": dict(ctx.cfg.flags),
@@ -196,6 +210,8 @@ class Trainer:
                        "trainable_parameters": sum(p.numel() for p in trainable),
                        "history": [], "best_val": None, "nan_skipped": 0, "complete": False,
                        "versions": library_versions(), "device": str(ctx.device),
+                       "precision": ctx.cfg.run.precision, "memory_format": ctx.cfg.run.memory_format,
+                       "speed_reason": ctx.cfg.run.speed_reason,
                        "world_size": ctx.dist.world_size, "outputs": {"final": str(paths.final)}}
         self.start_epoch, self.start_batch, self.partial_sums, self.elapsed_before = 0, 0, None, 0.0
         self.t0 = time.time()

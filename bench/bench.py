@@ -32,9 +32,11 @@ import dataload  # noqa: E402
 from bench.authors_dih import authors_step, student_gradient_gap  # noqa: E402
 from bench.parts import (AUTHORS_DIH, DIH, FINE_TUNE, FLOOR_STEP, SHAPES, bench_types,  # noqa: E402
                          build_methods)
+from bench.variants import cross_ratios, forward_flops, peak_figures, peak_tasks, variant_name, variants  # noqa: E402
 from bench.timing import (DATA_ONLY_RUN, DATA_PATH_RUN, generated_data, inference_task, make_ctx,  # noqa: E402
                           progress, time_epochs, time_interleaved, train_task, warm_up)
 from dihkit.console.devices import configure_backends  # noqa: E402
+from train_funcs import prepare_cohort  # noqa: E402
 from models_repo import MODELS  # noqa: E402
 
 # Epochs timed by default: the floor's step, the types the figures quote, and plain KD (the epoch table
@@ -58,8 +60,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shape of the generated data (classes, image size, training-set size for CRD's memory)")
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="cpu or cuda:N")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--amp", action="store_true", help="as the console's --amp")
-    p.add_argument("--channels_last", action="store_true", help="as the console's --channels_last")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as the console's")
+    p.add_argument("--memory_format", default="auto", choices=["auto", "contiguous", "channels_last"],
+                   help="as the console's")
+    p.add_argument("--no_fold", action="store_true", help="leave the frozen cohort's batch norms unfolded")
+    p.add_argument("--variants", nargs="+", type=variant_name, default=None, metavar="V",
+                   help="time every step once per variant <fp32|bf16|auto>[_cl][_unfolded] in the same rounds, "
+                        "replacing the three flags above (bench/variants.py); epochs take the first")
+    p.add_argument("--peak", type=int, default=0, metavar="N",
+                   help="also time an NxN matmul in float32 and bfloat16 and count the teacher's FLOPs (0: no)")
     p.add_argument("--compile", action="store_true", help="as the console's --compile (warm-up absorbs compilation)")
     p.add_argument("--methods", nargs="+", default=types, choices=types,
                    help="methods whose step is timed (the floor's parts and the teacher's inference always are)")
@@ -82,8 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("batch_size", "steps", "repeats", "epoch_images", "loader_images", "epoch_repeats", "test_images"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
-    if args.warmup < 0 or args.num_workers < 0 or args.threads < 0:
-        p.error("--warmup, --num_workers and --threads must not be negative")
+    if args.warmup < 0 or args.num_workers < 0 or args.threads < 0 or args.peak < 0:
+        p.error("--warmup, --num_workers, --threads and --peak must not be negative")
     missing = [m for m in args.epoch_methods if m not in args.methods and m != FLOOR_STEP]
     if missing:
         p.error(f"--epoch_methods {' '.join(missing)} must also be in --methods")
@@ -127,64 +136,92 @@ def print_report(result: dict) -> None:
     """The table of step times, epoch times, ratios and targets."""
     s = result["settings"]
     print(f"\n{s['teacher']} -> {s['student']}, {s['dataset']}-shaped data, batch {s['batch_size']}, "
-          f"device {s['device']}"
-          f" (amp {s['amp']}, channels_last {s['channels_last']}, compile {s['compile']}); "
+          f"device {s['device']} (compile {s['compile']}); "
           f"load average {result['load_average']['min']:.1f}-{result['load_average']['max']:.1f}")
-    floor = result["floor_s"]
-    print(f"\n{'step':<22}{'median ms':>11}{'images/s':>10}{'x floor':>9}   memory")
+    for name, reason in result["speed"].items():
+        print(f"  {name}: {reason}" + (", batch norms unfolded" if name.endswith("_unfolded") or s["no_fold"] else ""))
+    print(f"\n{'step':<30}{'median ms':>11}{'images/s':>10}{'x floor':>9}   memory")
     for name, m in result["steps"].items():
         mem = ", ".join(f"{k} {v:.0f}" for k, v in m["memory"].items())
-        print(f"{name:<22}{1000 * m['median_s']:>11.1f}{m['images_per_s']:>10.0f}{m['median_s'] / floor:>9.2f}   {mem}")
+        floor = result["floors_s"].get(name.rpartition(":")[0] + ":" if ":" in name else "")
+        times_floor = f"{m['median_s'] / floor:>9.2f}" if floor else " " * 9
+        print(f"{name:<30}{1000 * m['median_s']:>11.1f}{m['images_per_s']:>10.0f}{times_floor}   {mem}")
     if result["epochs"]:
         print(f"\n{'epoch (Trainer)':<22}{'median s':>11}{'images/s':>10}{'images':>9}")
         for name, m in result["epochs"].items():
             print(f"{name:<22}{m['median_s']:>11.2f}{m['images_per_s']:>10.0f}{m['images']:>9}")
     print("\nratios (median of per-repeat ratios)")
     for name, r in result["ratios"].items():
-        print(f"  {name:<38}{r['median']:>7.3f}   {r['of']}")
+        print(f"  {name:<50}{r['median']:>7.3f}   {r['of']}")
     for name, t in result["targets"].items():
         print(f"  target {name:<31}{t['value']:>7.3f}   {t['limit']}: {'met' if t['met'] else 'NOT met'}")
     if "student_grad_max_abs_diff" in result:
         print(f"  student gradients, ours vs the authors'-style DIH step: max |diff| "
               f"{result['student_grad_max_abs_diff']:.2e}")
+    for name, value in result.get("peak", {}).items():
+        print(f"  {name:<50}{value:>10.4g}")
     if result["skipped"]:
         print(f"  skipped (teacher and student differ in stage count): {', '.join(result['skipped'])}")
 
 
 # ----------------------------------------------------------------------------- run
 
-def time_steps(opts, device: torch.device, loads: list) -> dict:
-    """Build every method, time its step and the frozen inference tasks; the figures of the steps."""
-    data = generated_data(opts.dataset, 4 * opts.batch_size, opts.test_images)  # four fixed batches, cycled
-    methods, settings, cohorts, skipped = build_methods(opts, device, authors_step)
+def variant_tasks(opts, device: torch.device, data, batches: list, prefix: str, authors) -> dict:
+    """One variant's timed tasks, named ``prefix + task``: the frozen inferences, every method's step (and the
+    authors' DIH step when ``authors`` builds it), with their methods, contexts and skipped types."""
+    methods, settings, cohorts, skipped = build_methods(opts, device, authors)
     ctxs = {name: make_ctx(cfg, device, data, Path("unused")) for name, cfg in settings.items()}
-    configure_backends(ctxs[FLOOR_STEP].cfg.run.deterministic)
-    batches = list(dataload.train_batches(data.train, data.info, opts.batch_size, device,
-                                          torch.Generator().manual_seed(0)))
     floor_ctx = ctxs[FLOOR_STEP]
+    for cohort in cohorts.values():
+        prepare_cohort(cohort, floor_ctx)
     tasks = {"teacher_inference": inference_task(cohorts["teacher"].features, floor_ctx, batches),
              "cohort_inference": inference_task(cohorts["teacher_and_heads"], floor_ctx, batches)}
     tasks.update({name: train_task(method, ctxs[name], batches) for name, method in methods.items()})
+    return {"tasks": {prefix + name: task for name, task in tasks.items()}, "methods": methods, "ctxs": ctxs,
+            "skipped": skipped, "speed": floor_ctx.cfg.run.speed_reason, "teacher": cohorts["teacher"].teacher}
+
+
+def time_steps(opts, device: torch.device, loads: list) -> dict:
+    """Build every method of every variant, time its step and the frozen inference tasks; the figures of the steps."""
+    data = generated_data(opts.dataset, 4 * opts.batch_size, opts.test_images)  # four fixed batches, cycled
+    batches = list(dataload.train_batches(data.train, data.info, opts.batch_size, device,
+                                          torch.Generator().manual_seed(0)))
+    # The authors' step is the single run's reference; a comparison of variants leaves it out (its cost).
+    built = {prefix: variant_tasks(vopts, device, data, batches, prefix, None if opts.variants else authors_step)
+             for prefix, vopts in variants(opts)}
+    first = next(iter(built.values()))
+    configure_backends(first["ctxs"][FLOOR_STEP].cfg.run.deterministic)
+    tasks = {name: task for b in built.values() for name, task in b["tasks"].items()}
+    if opts.peak:
+        tasks.update(peak_tasks(opts.peak, device))
     progress(f"warming up {len(tasks)} tasks")
     memory = warm_up(tasks, opts.warmup, device)
     times = time_interleaved(tasks, opts.steps, opts.repeats, device, loads)
     steps = {name: {"median_s": statistics.median(ts), "times_s": ts,
                     "images_per_s": opts.batch_size / statistics.median(ts), "memory": memory[name]}
              for name, ts in times.items()}
-    out = {"methods": methods, "times": times, "steps": steps, "skipped": skipped}
-    if DIH in methods:
-        out["student_grad_max_abs_diff"] = student_gradient_gap(methods[DIH], methods[AUTHORS_DIH], batches[0],
-                                                                ctxs[DIH])
+    out = {"methods": first["methods"], "times": times, "steps": steps, "skipped": first["skipped"],
+           "speed": {prefix.rstrip(":") or "run": b["speed"] for prefix, b in built.items()},
+           "prefixes": list(built)}
+    if opts.peak:
+        x = batches[0][0][:opts.batch_size]
+        out["peak"] = peak_figures(steps, list(built), opts.peak, forward_flops(first["teacher"], x))
+    if DIH in first["methods"] and AUTHORS_DIH in first["methods"]:
+        out["student_grad_max_abs_diff"] = student_gradient_gap(first["methods"][DIH], first["methods"][AUTHORS_DIH],
+                                                                batches[0], first["ctxs"][DIH])
     return out
 
 
-def step_ratios(times: dict, methods: dict) -> dict:
-    """Every method's step against the floor, and the figures of the fine-tune and DIH steps."""
-    ratios = {f"{name}_to_floor": paired_ratio(times, name, FLOOR_PARTS) for name in methods}
+def step_ratios(times: dict, methods: dict, prefix: str = "") -> dict:
+    """Every method's step against the floor, and the figures of the fine-tune and DIH steps, of the variant
+    whose tasks are named ``prefix + task``."""
+    def ratio(numerator: str, denominator: list) -> dict:
+        return paired_ratio(times, prefix + numerator, [prefix + d for d in denominator])
+    ratios = {f"{prefix}{name}_to_floor": ratio(name, FLOOR_PARTS) for name in methods}
     if FINE_TUNE in methods:
-        ratios[f"{FINE_TUNE}_to_teacher_inference"] = paired_ratio(times, FINE_TUNE, ["teacher_inference"])
-    if DIH in methods:
-        ratios[f"{AUTHORS_DIH}_to_{DIH}"] = paired_ratio(times, AUTHORS_DIH, [DIH])
+        ratios[f"{prefix}{FINE_TUNE}_to_teacher_inference"] = ratio(FINE_TUNE, ["teacher_inference"])
+    if AUTHORS_DIH in methods:
+        ratios[f"{prefix}{AUTHORS_DIH}_to_{DIH}"] = ratio(AUTHORS_DIH, [DIH])
     return ratios
 
 
@@ -212,17 +249,20 @@ def run(opts) -> dict:
     started = datetime.datetime.now(datetime.timezone.utc)
     torch.manual_seed(0)
     timed = time_steps(opts, device, loads)
-    steps, methods = timed["steps"], timed["methods"]
-    ratios = step_ratios(timed["times"], methods)
+    steps, methods, prefixes = timed["steps"], timed["methods"], timed["prefixes"]
+    ratios = {key: r for prefix in prefixes for key, r in step_ratios(timed["times"], methods, prefix).items()}
+    ratios.update(cross_ratios(timed["times"], prefixes, paired_ratio) if opts.variants else {})
+    floors = {prefix: sum(steps[prefix + p]["median_s"] for p in FLOOR_PARTS) for prefix in prefixes}
     result = {"settings": {k: v for k, v in vars(opts).items() if k != "out"}, "command": " ".join(sys.argv),
-              "date": started.isoformat(timespec="seconds"), "machine": machine(), "steps": steps,
-              "floor_s": sum(steps[p]["median_s"] for p in FLOOR_PARTS), "floor": " + ".join(FLOOR_PARTS),
+              "date": started.isoformat(timespec="seconds"), "machine": machine(), "speed": timed["speed"],
+              "steps": steps, "floor_s": floors[prefixes[0]], "floors_s": floors, "floor": " + ".join(FLOOR_PARTS),
               "skipped": timed["skipped"]}
-    if "student_grad_max_abs_diff" in timed:
-        result["student_grad_max_abs_diff"] = timed["student_grad_max_abs_diff"]
+    for key in ("student_grad_max_abs_diff", "peak"):
+        if key in timed:
+            result[key] = timed[key]
     result["epochs"] = epoch_figures(opts, methods, loads, ratios)
     # The method's recipe: 200 epochs over the dataset's training set (50,000 images for CIFAR-100).
-    dih_rate = (result["epochs"].get(f"{DIH}/device") or steps.get(DIH) or {}).get("images_per_s")
+    dih_rate = (result["epochs"].get(f"{DIH}/device") or steps.get(prefixes[0] + DIH) or {}).get("images_per_s")
     if dih_rate:
         result["projected_dih_200_epochs_hours"] = 200 * SHAPES[opts.dataset][2] / dih_rate / 3600
     loads.append(os.getloadavg()[0])

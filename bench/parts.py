@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dihkit.console import console_flags
+from dihkit.console.devices import resolve_speed
 import final_test
 import training_types  # noqa: F401  (fills the registry)
 from dih_utils import Cohort, build_heads, freeze
@@ -48,7 +49,7 @@ class BenchParts:
     """What a training type's ``bench`` builds its one timed step from.
 
     Models are randomly initialised: weights do not change the cost. ``teacher`` and ``heads`` are shared by
-    every type (frozen, on the device, channels-last with ``--channels_last``); ``student()`` is a fresh one.
+    every type (frozen, on the device, in the run's memory format); ``student()`` is a fresh one.
     """
     cfg: Settings                 # the console's settings for this training type
     device: torch.device
@@ -77,16 +78,19 @@ def type_settings(opts, name: str, data_path: str = "device", epochs: int | None
             "--num_workers", str(opts.num_workers), "--data_path", data_path, "--no_cache"]
     if epochs is not None:
         argv += ["--epochs", str(epochs)]
-    argv += [f"--{flag}" for flag in ("amp", "channels_last", "compile") if getattr(opts, flag)]
-    return final_test.make_settings(console_flags.build_parser().parse_args(argv))
+    argv += ["--precision", opts.precision, "--memory_format", opts.memory_format] + ["--compile"] * opts.compile
+    cfg = final_test.make_settings(console_flags.build_parser().parse_args(argv))
+    # As the console resolves auto for the device; folding is on unless the bench is told otherwise.
+    return replace(cfg, run=replace(resolve_speed(cfg.run, torch.device(opts.device)), fold=not opts.no_fold))
 
 
 def shared_parts(opts, device: torch.device) -> BenchParts:
     """The frozen teacher and heads every type shares, with the floor step's settings."""
     classes, size, n_dataset = SHAPES[opts.dataset]
-    teacher = frozen_on(build_model(opts.teacher, classes), device, opts.channels_last)
-    heads = frozen_on(build_heads(teacher, classes, size), device, opts.channels_last)
-    return BenchParts(type_settings(opts, FLOOR_STEP), device, teacher, heads, classes, size, n_dataset)
+    cfg = type_settings(opts, FLOOR_STEP)
+    teacher = frozen_on(build_model(opts.teacher, classes), device, cfg.run.channels_last)
+    heads = frozen_on(build_heads(teacher, classes, size), device, cfg.run.channels_last)
+    return BenchParts(cfg, device, teacher, heads, classes, size, n_dataset)
 
 
 def stage_mismatch(opts, parts: BenchParts) -> bool:
@@ -98,7 +102,8 @@ def build_methods(opts, device: torch.device, authors_step) -> tuple[dict, dict,
     """Every timed method (name -> Method) built by its type's ``bench``, the settings each runs under, the
     frozen cohorts of the inference tasks, and the types skipped for a stage-count mismatch.
 
-    The floor step always runs; ``authors_step(parts)`` builds the authors' DIH step when DIH is timed.
+    The floor step always runs; ``authors_step(parts)`` builds the authors' DIH step when DIH is timed (None:
+    not built). The inference cohorts are returned as built: ``train_funcs.prepare_cohort`` readies them.
     """
     base = shared_parts(opts, device)
     wanted = [FLOOR_STEP] + [m for m in opts.methods if m != FLOOR_STEP]
@@ -107,7 +112,7 @@ def build_methods(opts, device: torch.device, authors_step) -> tuple[dict, dict,
     parts = {name: replace(base, cfg=type_settings(opts, name)) for name in wanted if name not in skipped}
     methods = {name: REGISTRY[name].bench(p) for name, p in parts.items()}
     settings = {name: p.cfg for name, p in parts.items()}
-    if DIH in methods:
+    if DIH in methods and authors_step is not None:
         methods[AUTHORS_DIH] = authors_step(parts[DIH])
         settings[AUTHORS_DIH] = parts[DIH].cfg
     cohorts = {"teacher": Cohort(base.teacher), "teacher_and_heads": Cohort(base.teacher, base.heads)}

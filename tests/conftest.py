@@ -25,6 +25,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def no_native_bfloat16(monkeypatch):
+    """In-process runs take float32 by default on every CPU, as on one without native bfloat16: the suite's
+    figures must not depend on the machine (tests of the CPU default replace the detection themselves)."""
+    from dihkit.console import devices
+    monkeypatch.setattr(devices, "native_bfloat16", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     """A res14 teacher and its three heads trained by the console on the tiny recipe (console.TINY), once per

@@ -39,8 +39,10 @@ def make_ctx(argv, data=None, seed: int = 0, out=None):
 
     from dihkit.runs.distributed import Dist
     from dihkit.runs.run_context import RunContext
+    from dihkit.console.devices import resolve_speed
     cfg = final_test.make_settings(final_test.build_parser().parse_args([str(a) for a in ["--gpu_id", "cpu", *argv]]))
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_path="device"))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_path="device"),
+                              run=resolve_speed(cfg.run, torch.device("cpu")))
     return RunContext(cfg, torch.device("cpu"), data, Dist(), seed, out)
 
 

@@ -13,6 +13,7 @@ from bench import bench as bench_cli
 from bench.authors_dih import authors_step, student_gradient_gap
 from bench.parts import AUTHORS_DIH, BenchParts, bench_types, build_methods, shared_parts, type_settings
 from bench.timing import generated_data, make_ctx
+from bench.variants import variants
 from console import ROOT, run_subprocess
 from dihkit.runs.method_contract import StudentMethod
 from dihkit.foundations.registry import REGISTRY, TrainingType
@@ -86,7 +87,7 @@ def test_gradient_check_can_fail():
 
 
 def test_parts_carry_each_types_own_defaults():
-    opts = bench_cli.parse_args(TINY + ["--amp", "--channels_last"])
+    opts = bench_cli.parse_args(TINY + ["--precision", "bf16", "--memory_format", "channels_last"])
     cfg = type_settings(opts, "tofd")
     assert (cfg.training_type, cfg.models.kd_alpha, cfg.models.kd_temperature) == \
         ("tofd", tofd.DEFAULT_ALPHA, tofd.DEFAULT_TEMPERATURE)
@@ -133,3 +134,30 @@ def test_bench_methods_are_the_registrys(monkeypatch, tmp_path):
     parts, = seen
     assert parts.cfg.training_type == "toy" and parts.cfg.data.batch_size == 8
     assert parts.classes == 10 and parts.size == 32 and parts.device == CPU
+
+
+def test_variants_take_their_precision_memory_format_and_folding():
+    opts = bench_cli.parse_args(TINY + ["--variants", "fp32", "bf16_cl_unfolded", "auto"])
+    runs = {name: type_settings(vopts, "dih").run for name, vopts in variants(opts)}
+    assert [(r.precision, r.memory_format, r.fold) for r in runs.values()] == [
+        ("fp32", "contiguous", True), ("bf16", "channels_last", False), ("fp32", "contiguous", True)]
+    assert list(runs) == ["fp32:", "bf16_cl_unfolded:", "auto:"]
+    assert runs["auto:"].speed_reason == "float32: this CPU has no native bfloat16"  # conftest: no native bf16
+    with pytest.raises(SystemExit):
+        bench_cli.parse_args(TINY + ["--variants", "fp16"])
+
+
+def test_variants_are_timed_in_one_run_with_the_matmul_peak(tmp_path):
+    out = tmp_path / "variants.json"
+    assert bench_cli.main(TINY + ["--methods", "ce", "--variants", "fp32_unfolded", "fp32", "--peak", "16", "--steps",
+                                  "1", "--repeats", "1", "--warmup", "0", "--epoch_methods", "--test_images", "8",
+                                  "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    tasks = {"teacher_inference", "cohort_inference", "ce"}
+    assert set(result["steps"]) == {f"{v}:{t}" for v in ("fp32_unfolded", "fp32") for t in tasks} | {
+        "matmul_fp32", "matmul_bf16"}
+    assert {f"fp32:{t}_speedup_over_fp32_unfolded" for t in tasks} <= set(result["ratios"])
+    assert set(result["floors_s"]) == {"fp32_unfolded:", "fp32:"} and result["targets"] == {}
+    peak = result["peak"]
+    assert peak["teacher_gflop_per_batch"] > 0 and peak["matmul_bf16_gflop_s"] > 0
+    assert peak["fp32:teacher_inference_gflop_s"] > 0

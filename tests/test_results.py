@@ -166,7 +166,8 @@ def test_plan_sets_each_steps_flags_and_passes_the_rest_through(tmp_path):
     parser = final_test.build_parser()
     args = parser.parse_args(["--training_type", "pipeline", "--methods", "ce", "fitnets", "dih", "--seed", "7", "8",
                               "--epochs", "10", "--schedule", "5", "--teacher_epochs", "20", "--teacher_schedule",
-                              "8", "16", "--temperature", "4", "--nesterov", "no", "--amp", "--epochs_fitnets_1", "3",
+                              "8", "16", "--temperature", "4", "--nesterov", "no", "--precision", "bf16",
+                              "--epochs_fitnets_1", "3",
                               "--path_to_save", str(tmp_path)])
     steps = pipeline.plan(args, parser, tmp_path)
     assert [s.name for s in steps] == ["teacher res110", "heads", "ce seed 7", "fitnets seed 7", "dih seed 7",
@@ -180,7 +181,7 @@ def test_plan_sets_each_steps_flags_and_passes_the_rest_through(tmp_path):
     assert (ce.teacher, ce.saved_path, ce.path_to_save) == ("res8", None, str(tmp_path / "ce_s8.pth"))
     assert dih.saved_intermediates_directory == str(tmp_path / "heads") and dih.seed == [8]
     for step in parsed.values():  # the pipeline's own flags never reach a step; the others always do
-        assert (step.kd_temperature, step.nesterov, step.amp, step.epochs_fitnets_1) == (4.0, False, True, 3)
+        assert (step.kd_temperature, step.nesterov, step.precision, step.epochs_fitnets_1) == (4.0, False, "bf16", 3)
         assert step.methods == list(DEFAULT_METHODS) and step.teacher_epochs is None and not step.resume
     # FitNets' final student is stage 2's file: that result decides whether the step is finished.
     assert steps[3].final.result == tmp_path / "fitnets_s7_final.json"

@@ -1,21 +1,27 @@
-"""The speed flags keep the loss: --channels_last, --compile and --amp against the plain path on a fixed batch.
+"""The speed flags keep the loss: channels-last, --compile and bfloat16 against the plain path on a fixed batch;
+and ``--precision auto`` picks bfloat16 + channels-last only on a CPU with AMX-BF16, saying why.
 
 Every comparison goes through what ``fit`` runs (``prepare_step`` and ``forward_loss``). Tolerances, relative
 to the plain float32 loss:
 - channels_last: 1e-5 (the same arithmetic in another memory layout; only summation order may differ);
 - compile: 1e-4 (inductor fuses and reorders float32 reductions);
-- amp: 2e-2 (bfloat16 keeps 8 significant bits, about 0.4% per rounding; the losses themselves are float32).
-``--amp`` is bfloat16 autocast on the training device, so on this CPU the tests exercise the real path.
+- bf16: 2e-2 (bfloat16 keeps 8 significant bits, about 0.4% per rounding; the losses themselves are float32).
+``--precision bf16`` is bfloat16 autocast on the training device, so on this CPU the tests exercise the real path.
+The suite's runs see a CPU without native bfloat16 (conftest), so ``auto`` is float32 unless a test says otherwise.
 """
 import copy
 import json
 
+import pytest
 import torch
 from torch import nn
 
 import train_funcs
 from dihkit.files.checkpoints import atomic_save, model_record
 from dih_utils import Cohort, build_heads
+from dihkit.console import devices
+from dihkit.console.devices import native_bfloat16, resolve_speed
+from dihkit.foundations.settings import RunSettings
 from models_repo import build_model
 from console import TINY, make_ctx, run_inprocess
 from dihkit.runs.method_contract import Method
@@ -77,15 +83,15 @@ def test_channels_last_loss_matches_and_reaches_the_frozen_cohort():
     plain = dih_method()
     flagged = copy.deepcopy(plain)
     expected = training_loss(plain, context())
-    got = training_loss(flagged, context("--channels_last"))
+    got = training_loss(flagged, context("--memory_format", "channels_last"))
     assert relative_gap(got, expected) < 1e-5
     # The cohort is not a submodule: fit must convert it as well as the student.
     for model in (flagged.student, flagged.cohort.teacher):
         assert first_conv_weight(model).is_contiguous(memory_format=torch.channels_last)
 
 
-def test_amp_is_bfloat16_autocast_on_cpu_and_keeps_the_loss():
-    ctx = context("--amp")
+def test_bf16_is_bfloat16_autocast_on_cpu_and_keeps_the_loss():
+    ctx = context("--precision", "bf16")
     with ctx.autocast():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         # The frozen cohort's pass runs under the same autocast as the student's.
@@ -107,13 +113,52 @@ def test_compile_loss_and_gradients_match():
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)
 
 
-def test_console_trains_with_amp_and_channels_last(tmp_path):
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("native, flags, expected", [
+    ("AMX-BF16", {}, ("bf16", "channels_last", "bf16 + channels-last: this CPU has AMX-BF16")),
+    ("AVX512-BF16", {}, ("fp32", "contiguous", "float32: this CPU has AVX512-BF16 but no AMX, where bfloat16 is "
+                                                "not measured faster yet")),
+    (None, {}, ("fp32", "contiguous", "float32: this CPU has no native bfloat16")),
+    ("AMX-BF16", {"precision": "fp32"}, ("fp32", "contiguous", "float32: --precision")),
+    ("AMX-BF16", {"memory_format": "contiguous"}, ("bf16", "contiguous", "bf16: this CPU has AMX-BF16, --memory_format")),
+    (None, {"precision": "bf16"}, ("bf16", "channels_last", "bf16 + channels-last: --precision")),
+])
+def test_cpu_precision_follows_native_bfloat16(monkeypatch, native, flags, expected):
+    monkeypatch.setattr(devices, "native_bfloat16", lambda: native)
+    run = resolve_speed(RunSettings(**{"precision": "auto", "memory_format": "auto", **flags}), CPU)
+    assert (run.precision, run.memory_format, run.speed_reason) == expected
+    assert run.amp == (expected[0] == "bf16") and run.channels_last == (expected[1] == "channels_last")
+
+
+def test_cuda_keeps_float32_by_default(monkeypatch):
+    monkeypatch.setattr(devices, "native_bfloat16", lambda: "AMX-BF16")
+    run = resolve_speed(RunSettings(precision="auto", memory_format="auto"), torch.device("cuda", 0))
+    assert (run.precision, run.memory_format, run.speed_reason) == ("fp32", "contiguous", "float32: the default on cuda")
+
+
+@pytest.mark.parametrize("caps, expected", [({"amx_bf16": True, "avx512_bf16": True}, "AMX-BF16"),
+                                            ({"amx_bf16": False, "avx512_bf16": True}, "AVX512-BF16"),
+                                            ({"avx2": True}, None)])
+def test_native_bfloat16_reads_torchs_cpu_capabilities(monkeypatch, caps, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert native_bfloat16() == expected
+
+
+def test_console_on_an_amx_cpu_defaults_to_bf16_and_channels_last(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(devices, "native_bfloat16", lambda: "AMX-BF16")
     teacher = tmp_path / "teacher.pth"
     atomic_save(model_record(build_model("res14", CLASSES), "res14", CLASSES, "synthetic", 32), teacher)
     out = tmp_path / "kd.pth"
     code = run_inprocess(["--training_type", "kd", *TINY, "--train_subset", "200", "--saved_path", teacher,
-                          "--path_to_save", out, "--amp", "--channels_last"])
+                          "--path_to_save", out])
     assert code == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "precision: bf16 + channels-last: this CPU has AMX-BF16"
+    assert "frozen cohort: 15 batch norms folded into the convolutions before them" in printed
     record = json.loads(out.with_suffix(".json").read_text())
+    assert (record["precision"], record["memory_format"]) == ("bf16", "channels_last")
+    assert record["speed_reason"] == "bf16 + channels-last: this CPU has AMX-BF16"
     assert torch.isfinite(torch.tensor(record["history"][0]["train_loss"]))
     assert set(record["reference_test"]) == {"teacher"} and 0 <= record["test_top1"] <= 100

@@ -97,11 +97,12 @@ OUTPUT_FLAGS = (
     flag("--overwrite", action="store_true", help="replace existing outputs"),
 )
 SPEED_FLAGS = (
-    flag("--amp", action="store_true",
-         help="bfloat16 autocast on the training device, CUDA or CPU (losses in float32); on a CPU it is "
-              "faster only with native bfloat16 (AVX512-BF16, AMX), bench/bench.py --amp measures it"),
-    flag("--channels_last", action="store_true",
-         help="channels-last memory format for the trained modules, the frozen teacher/heads and the input"),
+    flag("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+         help="bf16: bfloat16 autocast on the training device, CUDA or CPU (losses in float32); auto: bf16 on a "
+              "CPU with AMX-BF16, else fp32 (docs/SPEED.md); the run's first lines say which and why"),
+    flag("--memory_format", default="auto", choices=["auto", "contiguous", "channels_last"],
+         help="memory format of the trained modules, the frozen teacher/heads and the input; auto: channels_last "
+              "with bf16 on a CPU, else contiguous"),
     flag("--compile", action="store_true",
          help="torch.compile the training step (needs a C compiler on CPU; the first batches compile)"),
 )

@@ -1,11 +1,13 @@
 """Which device a run trains on, how its backends behave, and where its batches are made."""
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
 import dataload
 from dihkit.foundations.errors import UserError
+from dihkit.foundations.settings import RunSettings
 
 
 def resolve_device(gpu_id: str | None, local_rank: int = 0) -> torch.device:
@@ -47,3 +49,41 @@ def resolve_data_path(choice: str, data: dataload.DataBundle, device: torch.devi
         return "device"
     free, _ = torch.cuda.mem_get_info(device)
     return "device" if data.train.images.numel() < free // 4 else "loader"
+
+
+def native_bfloat16() -> str | None:
+    """The CPU's native bfloat16 instructions as PyTorch's cpuinfo reports them (the capabilities oneDNN
+    dispatches on): ``AMX-BF16``, ``AVX512-BF16`` or None. Tests replace this function."""
+    # get_capabilities is recent (torch 2.14 has it); without it nothing is assumed, and float32 stays.
+    caps = getattr(torch.cpu, "get_capabilities", dict)()
+    if caps.get("amx_bf16"):
+        return "AMX-BF16"
+    return "AVX512-BF16" if caps.get("avx512_bf16") else None
+
+
+def auto_precision(device: torch.device) -> tuple[str, str]:
+    """(precision, why) of ``--precision auto`` on ``device``."""
+    if device.type != "cpu":
+        return "fp32", f"the default on {device.type}"
+    native = native_bfloat16()
+    if native == "AMX-BF16":
+        return "bf16", "this CPU has AMX-BF16"
+    if native:
+        # Measured faster only with AMX so far (docs/SPEED.md); unmeasured kinds keep float32.
+        return "fp32", f"this CPU has {native} but no AMX, where bfloat16 is not measured faster yet"
+    return "fp32", "this CPU has no native bfloat16"
+
+
+def resolve_speed(run: RunSettings, device: torch.device) -> RunSettings:
+    """``run`` with ``auto`` precision and memory format resolved for ``device``, and the reason in words.
+
+    channels-last goes with bfloat16 on a CPU: oneDNN's fast bfloat16 convolutions work on that layout.
+    """
+    precision, why = (run.precision, "--precision") if run.precision != "auto" else auto_precision(device)
+    layout = run.memory_format
+    if layout == "auto":
+        layout = "channels_last" if precision == "bf16" and device.type == "cpu" else "contiguous"
+    else:
+        why += ", --memory_format"
+    words = {"fp32": "float32", "bf16": "bf16"}[precision] + (" + channels-last" if layout == "channels_last" else "")
+    return replace(run, precision=precision, memory_format=layout, speed_reason=f"{words}: {why}")

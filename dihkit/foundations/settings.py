@@ -34,16 +34,32 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """How a run behaves: resume and overwrite, non-finite losses, speed switches, multi-GPU options."""
+    """How a run behaves: resume and overwrite, non-finite losses, speed switches, multi-GPU options.
+
+    ``precision`` and ``memory_format`` are the flags' values until the console resolves ``auto`` for the
+    run's device (``devices.resolve_speed``), which also says why in ``speed_reason``.
+    """
     resume: bool = False
     overwrite: bool = False
     nan_policy: str = "stop"
-    amp: bool = False
-    channels_last: bool = False
+    precision: str = "fp32"              # fp32 or bf16 (bfloat16 autocast); auto before resolution
+    memory_format: str = "contiguous"    # contiguous or channels_last; auto before resolution
+    speed_reason: str = ""
+    fold: bool = True                    # fold the frozen cohort's batch norms (the bench turns it off)
     compile: bool = False
     deterministic: bool = False
     scale_lr: bool = False
     sync_bn: bool = False
+
+    @property
+    def amp(self) -> bool:
+        """Whether the run computes under bfloat16 autocast."""
+        return self.precision == "bf16"
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether models and inputs are channels-last."""
+        return self.memory_format == "channels_last"
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ class RunContext:
             tqdm.write(message)
 
     def autocast(self):
-        """bfloat16 autocast on the run's device (CUDA or CPU) with ``--amp``; a no-op otherwise.
+        """bfloat16 autocast on the run's device (CUDA or CPU) when the run's precision is bf16; a no-op otherwise.
 
-        On a CPU it pays off only where the processor computes in bfloat16 natively (AVX512-BF16, AMX);
+        On a CPU it pays off only where the processor computes in bfloat16 natively (AMX, perhaps AVX512-BF16);
         losses stay float32 either way (KD_Loss).
         """
         if self.cfg.run.amp:
