@@ -12,6 +12,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Console processes the tests start inherit one thread too: on a small shared CPU torch's default thread
 # count makes a process many times slower (docs/BENCHMARKS.md).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every run the suite starts, in process or as a console process, computes as on a CPU without native
+# bfloat16: oneDNN is capped below AVX512-BF16 and AMX, so --precision auto picks float32 on any machine and
+# the suite's figures do not depend on it (tests of the CPU default replace the detection themselves).
+os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -23,14 +27,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def no_native_bfloat16(monkeypatch):
-    """In-process runs take float32 by default on every CPU, as on one without native bfloat16: the suite's
-    figures must not depend on the machine (tests of the CPU default replace the detection themselves)."""
-    from dihkit.console import devices
-    monkeypatch.setattr(devices, "native_bfloat16", lambda: None)
 
 
 @pytest.fixture(scope="session")

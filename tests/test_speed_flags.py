@@ -143,6 +143,17 @@ def test_cuda_keeps_float32_by_default(monkeypatch):
                                             ({"avx2": True}, None)])
 def test_native_bfloat16_reads_torchs_cpu_capabilities(monkeypatch, caps, expected):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert native_bfloat16() == expected
+
+
+@pytest.mark.parametrize("cap, expected", [("ALL", "AMX-BF16"), ("AVX512_CORE_AMX", "AMX-BF16"),
+                                           ("AVX512_CORE_BF16", "AVX512-BF16"), ("AVX512_CORE", None),
+                                           ("avx2", None)])
+def test_onednns_isa_cap_hides_what_it_will_not_use(monkeypatch, cap, expected):
+    """The suite runs under ONEDNN_MAX_CPU_ISA=AVX512_CORE (conftest) so that no machine computes in bf16."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True, "avx512_bf16": True})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     assert native_bfloat16() == expected
 
 

@@ -56,9 +56,14 @@ def native_bfloat16() -> str | None:
     dispatches on): ``AMX-BF16``, ``AVX512-BF16`` or None. Tests replace this function."""
     # get_capabilities is recent (torch 2.14 has it); without it nothing is assumed, and float32 stays.
     caps = getattr(torch.cpu, "get_capabilities", dict)()
-    if caps.get("amx_bf16"):
+    # oneDNN's own cap on its instruction sets (ONEDNN_MAX_CPU_ISA) hides what it will not use.
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    capped = cap not in ("ALL", "DEFAULT", "")
+    if caps.get("amx_bf16") and not (capped and "AMX" not in cap):
         return "AMX-BF16"
-    return "AVX512-BF16" if caps.get("avx512_bf16") else None
+    if caps.get("avx512_bf16") and not (capped and "BF16" not in cap and "AMX" not in cap):
+        return "AVX512-BF16"
+    return None
 
 
 def auto_precision(device: torch.device) -> tuple[str, str]:
