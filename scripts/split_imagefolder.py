@@ -63,7 +63,8 @@ def main(argv=None) -> int:
         print(f"error: '{dest}' already holds a split; remove it first", file=sys.stderr)
         return 2
     if args.test_per_class is not None and args.test_per_class < 1:
-        print("error: --test_per_class must be at least 1: the console needs a test image of every class", file=sys.stderr)
+        print("error: --test_per_class must be at least 1: the console needs a test image of every class",
+              file=sys.stderr)
         return 2
     files = {name: [f for f in (source / name).iterdir() if f.is_file()] for name in classes}
     smallest = min(files, key=lambda name: len(files[name]))

@@ -8,6 +8,8 @@ import torch
 import final_test
 import train_fitnets
 from KD_Loss import at_loss, attention_map, hint_loss
+from dihkit.files.checkpoints import atomic_save, model_record
+from models_repo import build_model
 from console import TINY, data_loaded_once, run_inprocess
 
 # TINY with fewer training images and a res8 teacher: every phase below is a few CPU seconds.
@@ -197,9 +199,14 @@ def test_at_runs_with_and_without_the_kd_term(teacher, tmp_path):
     (["--training_type", "at", "--student", "res18"], "teacher res8 has 3 stages and the student res18 has 4"),
     (["--training_type", "at", "--at_kd_alpha", "1.5"], "--at_kd_alpha must be a finite number >= 0 and <= 1, got 1.5"),
 ])
-def test_bad_input_is_one_sentence_and_exit_2(extra, message, tmp_path, capsys):
+def test_bad_input_is_one_sentence_and_exit_2(extra, message, tmp_path, tmp_path_factory, capsys):
+    # An untrained teacher file of the command's teacher: a missing one would be refused before the type's checks.
+    argv = [*FAST, *extra]
+    arch = argv[len(argv) - argv[::-1].index("--teacher")]  # the last --teacher given wins
+    teacher = tmp_path_factory.mktemp("teacher") / f"{arch}.pth"
+    atomic_save(model_record(build_model(arch, 10), arch, 10, "synthetic", 32), teacher)
     out = tmp_path / "x.pth"
-    code = run_inprocess([*FAST, *extra, "--saved_path", tmp_path / "missing.pth", "--path_to_save", out])
+    code = run_inprocess([*FAST, *extra, "--saved_path", teacher, "--path_to_save", out])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and message in err

@@ -230,13 +230,14 @@ def test_script_refuses_another_training_type(capsys):
     ("tofd", ["--beta", "-0.1"], "--beta must be a finite number >= 0"),
     ("mhkd", ["--teacher", "res18"], "res18 has 4 stages and --student res8 has 3"),
     ("crd", [], "does not exist"),
-    ("tofd", ["--saved_tofd_directory", "nowhere"], "holds no head_<i>.pth files"),
+    ("tofd", ["--saved_tofd_directory", "nowhere"], "heads directory 'nowhere' does not exist"),
 ])
 def test_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys, kind, flags, message):
     teacher = tmp_path / "missing.pth"
-    if "--saved_tofd_directory" in flags:
+    if flags:  # a file of the command's teacher, so that the flag is what the command is refused for
+        arch = flags[flags.index("--teacher") + 1] if "--teacher" in flags else "res14"
         teacher = tmp_path / "t.pth"
-        atomic_save(model_record(build_model("res14", 10), "res14", 10, "synthetic", 32), teacher)
+        atomic_save(model_record(build_model(arch, 10), arch, 10, "synthetic", 32), teacher)
     code = run_inprocess([*FAST, "--training_type", kind, "--saved_path", teacher, "--path_to_save",
                           tmp_path / "s.pth", *flags])
     err = capsys.readouterr().err.strip()
