@@ -13,6 +13,7 @@ from dihkit.runs import distributed
 from dihkit.results import pipeline
 import training_types  # noqa: F401  (fills the registry)
 from dihkit.console.console_flags import build_parser, resolve_defaults
+from dihkit.console.recipe_flags import parse_command
 from dihkit.console.devices import configure_backends, resolve_data_path, resolve_device
 from dihkit.runs.distributed import from_env
 from dihkit.foundations.errors import UserError
@@ -71,7 +72,7 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command(parser, argv)
     validate(args, parser)
     if args.training_type == "pipeline":
         return pipeline.run_pipeline(args, parser, run)
