@@ -162,3 +162,17 @@ def test_recipe_values_reach_the_run_and_its_result_file(tmp_path):
 def test_every_recipe_value_names_its_source():
     for recipe in RECIPES.values():
         assert all(e.source for e in recipe.entries), recipe.name
+
+
+def test_recipes_page_is_generated_from_the_tables(tmp_path):
+    import importlib.util
+    from console import ROOT
+    spec = importlib.util.spec_from_file_location("gen_recipes", ROOT / "scripts" / "gen_recipes.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.main(["--check"]) == 0, "docs/RECIPES.md is stale: run python3 scripts/gen_recipes.py"
+    stale = tmp_path / "RECIPES.md"
+    stale.write_text("old")
+    assert gen.main(["--check"], path=stale) == 1
+    assert gen.main([], path=stale) == 0 and gen.main(["--check"], path=stale) == 0
+    assert "HobbitLong/RepDistiller train_student.py" in stale.read_text()

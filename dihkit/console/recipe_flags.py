@@ -18,8 +18,8 @@ WEIGHTS = ("ce_weight", "kd_weight")
 RECIPE_FLAGS = (
     flag("--recipe", nargs="+", default=[DEFAULT_RECIPE], choices=list(RECIPES), metavar="NAME",
          help="published settings that fill every flag not given (a later recipe's value replaces an earlier "
-              "one's; values per training type and model pair): " + "; ".join(
-                  f"{r.name}: {r.summary}" for r in RECIPES.values()) + " (docs/RECIPES.md; one of %(choices)s)"),
+              "one's; values per training type and model pair; docs/RECIPES.md): " + "; ".join(
+                  f"{r.name}: {r.summary}" for r in RECIPES.values())),
     flag("--ce_weight", type=float, default=None, range=Range(0),
          help="weight of CE beside --kd_weight, replacing --kd_alpha's pair (alpha, 1 - alpha) in the KD term of "
               f"{', '.join(WEIGHTED_TYPES)} (mdistiller's KD: 0.1 and 0.9; logit standardisation's: 0.1 and 9); "

@@ -72,7 +72,7 @@ LS_README = "sunshangquan/logit-standardization-KD README.md, log name kd,resnet
 LS_README_DKD = "sunshangquan/logit-standardization-KD README.md, log name dkd,resnet110,resnet20,2,15,2.0"
 LS_KD_WEIGHT = 9.0
 
-DIH = Recipe("dih", "the DIH paper's recipe: today's defaults (200 epochs, lr 0.1, 60/120/180, T 5, alpha 0.1)", (
+DIH = Recipe("dih", "the DIH paper's recipe, the console's own values (200 epochs, lr 0.1, 60/120/180, T 5, alpha 0.1)", (
     Entry("epochs", 200, DIH_PAPER), Entry("lr", 0.1, DIH_PAPER), Entry("schedule", DIH_MILESTONES, DIH_PAPER),
     Entry("schedule_gamma", 0.1, DIH_PAPER), Entry("batch_size", 64, DIH_PAPER), Entry("wd", 5e-4, DIH_PAPER),
     Entry("momentum", 0.9, DIH_PAPER), Entry("nesterov", True, "DIH authors' code (SGD with nesterov)"),
