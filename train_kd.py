@@ -42,9 +42,10 @@ def kd_objective(models: ModelSettings, logit_std: bool = False) -> Objective:
     member KD, with heads DIH's loss."""
     kd_weight, ce_weight = models.kd_weights()
     t = models.kd_temperature
-    weights = {"ce_weight": ce_weight, "kd_weight": kd_weight} if models.ce_weight is not None else {}
+    used = ({"ce_weight": ce_weight, "kd_weight": kd_weight} if models.ce_weight is not None
+            else {"kd_alpha": models.kd_alpha})
     return Objective(weighted_kd_member(kd_weight, ce_weight, t, logit_std=logit_std),
-                     {"kd_alpha": models.kd_alpha, **weights, "kd_temperature": t, "logit_std": logit_std})
+                     {**used, "kd_temperature": t, "logit_std": logit_std})
 
 
 def weights_label(label: str, flags) -> str:

@@ -176,3 +176,12 @@ def test_recipes_page_is_generated_from_the_tables(tmp_path):
     assert gen.main(["--check"], path=stale) == 1
     assert gen.main([], path=stale) == 0 and gen.main(["--check"], path=stale) == 0
     assert "HobbitLong/RepDistiller train_student.py" in stale.read_text()
+
+
+def test_a_pipeline_passes_a_flag_given_at_its_default_so_that_it_beats_the_steps_recipe():
+    from dihkit.results.pipeline import passthrough
+    parser = final_test.build_parser()
+    args = parse_command(parser, ["--training_type", "pipeline", "--recipe", "crd", "--lr", "0.1"])
+    flags = passthrough(args, parser)
+    assert flags["lr"] == ["--lr", "0.1"] and flags["recipe"] == ["--recipe", "crd"]
+    assert "epochs" not in flags and args.epochs == 200  # the pipeline itself applies no recipe: its steps do
