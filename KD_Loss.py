@@ -274,8 +274,15 @@ def _dist_distill(s, t, y, *, beta, gamma, temperature, logit_std):
 
 def kd_member(alpha: float, temperature: float, *, logit_std: bool = False) -> MemberLoss:
     """KD per member: ``alpha * T^2 * KL + (1 - alpha) * CE`` (DIH's own loss; optionally standardised)."""
+    return weighted_kd_member(alpha, 1.0 - alpha, temperature, logit_std=logit_std)
+
+
+def weighted_kd_member(kd_weight: float, ce_weight: float, temperature: float, *,
+                       logit_std: bool = False) -> MemberLoss:
+    """KD per member with separate weights, ``kd_weight * T^2 * KL + ce_weight * CE`` (mdistiller's
+    KD_WEIGHT/CE_WEIGHT: 0.9 and 0.1; logit standardisation's runs: 9 and 0.1)."""
     distill = partial(_kd_distill, temperature=temperature, logit_std=logit_std)
-    return MemberLoss(distill, alpha, 1.0 - alpha)
+    return MemberLoss(distill, kd_weight, ce_weight)
 
 
 def dkd_member(alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, *, warmup_factor: float = 1.0,

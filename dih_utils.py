@@ -102,14 +102,16 @@ def heads_meta(teacher_arch: str, num_classes: int, image_size: int, dataset: st
             "teacher_fingerprint": teacher_fingerprint}
 
 
-def save_heads(heads: nn.ModuleList, directory, meta: dict, **extra) -> list[Path]:
-    """Write ``head_1.pth`` ... ``head_k.pth`` into ``directory`` atomically, each with its teacher's record."""
+def save_heads(heads: nn.ModuleList, directory, meta: dict, per_head: list | None = None, **extra) -> list[Path]:
+    """Write ``head_1.pth`` ... ``head_k.pth`` into ``directory`` atomically, each with its teacher's record
+    (``per_head``: one dict more per head, e.g. the epoch it was kept at)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, head in enumerate(heads, start=1):
         path = directory / f"head_{i}.pth"
-        record = {"format": FORMAT, "kind": "head", "index": i, **meta, **extra,
+        own = per_head[i - 1] if per_head else {}
+        record = {"format": FORMAT, "kind": "head", "index": i, **meta, **extra, **own,
                   "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}}
         atomic_save(record, path)
         paths.append(path)

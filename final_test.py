@@ -13,6 +13,7 @@ from dihkit.runs import distributed
 from dihkit.results import pipeline
 import training_types  # noqa: F401  (fills the registry)
 from dihkit.console.console_flags import MILESTONE_FRACTIONS, build_parser, resolve_defaults, resolve_teacher
+from dihkit.console.recipe_flags import parse_command
 from dihkit.console.devices import configure_backends, resolve_data_path, resolve_device, resolve_speed
 from dihkit.runs.distributed import from_env
 from dihkit.foundations.errors import UserError
@@ -72,9 +73,8 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command(parser, argv, resolve_teacher)
     validate(args, parser)
-    resolve_teacher(args)
     if args.training_type == "pipeline":
         return pipeline.run_pipeline(args, parser, run)
     cfg = replace(make_settings(args), command=console_command(argv))

@@ -9,14 +9,14 @@ from dih_utils import fingerprint, heads_meta, load_heads, mount_shapes
 from dihkit.foundations.errors import UserError
 from dihkit.foundations.flags import flag
 from dihkit.runs.model_loading import load_teacher
-from dihkit.foundations.registry import STUDENT_KEYS, TrainingType
+from dihkit.foundations.registry import STUDENT_KEYS, WEIGHT_KEYS, TrainingType
 from dihkit.runs.run_context import RunContext
 from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from train_dist import DISTSettings, dist_objective
 from train_dist import FLAGS as DIST_FLAGS
 from train_dkd import DKDSettings, dkd_objective
 from train_dkd import FLAGS as DKD_FLAGS
-from train_kd import Objective, bench_distillation, distil, kd_objective, with_ls
+from train_kd import Objective, bench_distillation, distil, kd_objective, weights_label, with_ls
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class DIHSettings(DKDSettings, DISTSettings):
 
 # Each member loss from the run's models and DIH's settings.
 OBJECTIVES = {
-    "kd": lambda models, s: kd_objective(models.kd_alpha, models.kd_temperature, s.logit_std),
+    "kd": lambda models, s: kd_objective(models, s.logit_std),
     "dkd": dkd_objective,
     "dist": dist_objective,
 }
@@ -64,12 +64,12 @@ def dih_label(flags) -> str:
     """``dih`` for DIH's own loss, ``DIH[DKD]`` or ``DIH[DIST]`` for another member loss; ``+LS`` with
     standardised logits."""
     loss = flags.get("cohort_loss") or "kd"
-    return with_ls("dih" if loss == "kd" else f"DIH[{loss.upper()}]", flags)
+    return weights_label("dih", flags) if loss == "kd" else with_ls(f"DIH[{loss.upper()}]", flags)
 
 
 TRAINING_TYPE = TrainingType(
     name="dih", run=train_dih, flags=FLAGS, settings=DIHSettings, needs=frozenset({"teacher", "heads"}),
-    depends_on=STUDENT_KEYS + ("logit_std", "cohort_loss") + tuple(f.dest for f in DKD_FLAGS + DIST_FLAGS),
+    depends_on=STUDENT_KEYS + WEIGHT_KEYS + ("logit_std", "cohort_loss") + tuple(f.dest for f in DKD_FLAGS + DIST_FLAGS),
     report_order=20, frozen_reference=True, label=dih_label,
     bench=lambda parts: bench_distillation(parts, dih_objective(parts.cfg.models, parts.cfg.method), parts.heads),
     summary="DIH: the teacher and its k fine-tuned heads co-teach the student (summed KD, or --cohort_loss)")

@@ -2,7 +2,8 @@
 
 ``CE + beta * inter + gamma * intra``: one minus the Pearson correlation of ``softmax(z / tau)`` between
 student and teacher, over each sample's classes (inter) and over each class's samples (intra), each times
-``tau^2``; defaults of the authors' loss (beta 1, gamma 1, tau 1): docs/LOGIT_METHODS.md. DIH's cohort can
+``tau^2``; defaults: the class defaults of the authors' loss (beta 1, gamma 1, tau 1), not their runs' settings
+(``--recipe dist_cifar``: 2, 2, tau 4; ``--recipe dist_imagenet``: 2, 2, tau 1): docs/LOGIT_METHODS.md. DIH's cohort can
 use the same member loss (``--training_type dih --cohort_loss dist``), with these flags.
 """
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from dihkit.runs.run_context import RunContext
 from dihkit.foundations.settings import ModelSettings
 from train_kd import KDSettings, Objective, bench_distillation, distil_from_teacher, with_ls
 
-# The authors' loss class DIST(beta=1.0, gamma=1.0, tau=1.0); its CE weight 1.0 is fixed here.
+# The class defaults of the authors' loss, DIST(beta=1.0, gamma=1.0, tau=1.0); its CE weight 1.0 is fixed here.
 DEFAULT_BETA, DEFAULT_GAMMA, DEFAULT_TEMPERATURE = 1.0, 1.0, 1.0
 
 
@@ -55,6 +56,7 @@ TRAINING_TYPE = TrainingType(
     flag_defaults={"kd_temperature": DEFAULT_TEMPERATURE}, report_order=26, frozen_reference=True,
     label=dist_label, bench=lambda parts: bench_distillation(parts, dist_objective(parts.cfg.models, parts.cfg.method)),
     description=f"DIST: CE + --dist_beta x inter-class + --dist_gamma x intra-class relation loss at tau "
-                f"--kd_temperature (default {DEFAULT_TEMPERATURE:g}; 2 with --logit_std; CIFAR implementations "
-                f"commonly use beta 2, gamma 2, tau 4, not verified: docs/LOGIT_METHODS.md); --kd_alpha is not used",
+                f"--kd_temperature (default {DEFAULT_TEMPERATURE:g}; 2 with --logit_std); the defaults are the class "
+                f"defaults of the authors' loss, their runs use --recipe dist_cifar (2, 2, tau 4) or dist_imagenet "
+                f"(2, 2, tau 1); --kd_alpha is not used",
     summary="DIST: CE plus inter- and intra-class relation (Pearson) distillation from the teacher's final logits")

@@ -19,7 +19,7 @@ from KD_Loss import hint_loss
 from dihkit.runs.method_contract import StudentMethod
 from dihkit.runs.model_loading import load_teacher, model_meta, new_model, skeleton
 from models_repo import count_parameters
-from dihkit.foundations.registry import STUDENT_KEYS, TrainingType
+from dihkit.foundations.registry import STUDENT_KEYS, WEIGHT_KEYS, TrainingType
 from dihkit.runs.run_context import RunContext
 from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from dihkit.foundations.settings import OptimSettings
@@ -180,7 +180,7 @@ def bench_fitnets(parts) -> HintTraining:
 
 TRAINING_TYPE = TrainingType(
     name="fitnets", run=train_fitnets, flags=FLAGS, settings=FitNetsSettings, needs=frozenset({"teacher"}),
-    depends_on=STUDENT_KEYS + tuple(f.dest for f in FLAGS), report_order=30,
+    depends_on=STUDENT_KEYS + WEIGHT_KEYS + tuple(f.dest for f in FLAGS), report_order=30,
     outputs=lambda out, flags: [(Path(out), False), (final_output(out), False)],
     final_output=final_output, final_phase="fitnets_2", bench=bench_fitnets,
     description="FitNets stage 1 (hint regression); stage 2 is KD with the main and distillation flags",

@@ -342,6 +342,7 @@ class Trainer:
         self.dist.sync_buffers(self.method)
         if ctx.data.val is not None:
             entry["val"] = evaluate_outputs(self.method.evaluate, ctx.data.val, ctx)
+            self.method.observe_validation(epoch + 1, entry["val"])
         entry["test"] = evaluate_outputs(self.method.evaluate, ctx.data.test, ctx)
         record["history"].append(entry)
         if "val" in entry and (record["best_val"] is None or headline(entry["val"]) > record["best_val"]["val_top1"]):

@@ -10,11 +10,12 @@ from torch import nn
 
 from dih_utils import Cohort
 from dihkit.methods.epoch_count import CountsEpochs
-from KD_Loss import MemberLoss, cohort_loss, dkd_warmup_factor, kd_member
+from KD_Loss import MemberLoss, cohort_loss, dkd_warmup_factor, weighted_kd_member
 from dihkit.runs.method_contract import StudentMethod
 from dihkit.runs.model_loading import load_teacher, model_meta, new_model
-from dihkit.foundations.registry import STUDENT_KEYS, TrainingType
+from dihkit.foundations.registry import STUDENT_KEYS, WEIGHT_KEYS, TrainingType
 from dihkit.runs.run_context import RunContext
+from dihkit.foundations.settings import ModelSettings
 from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from train_funcs import num_train_batches, run_phase
 
@@ -36,10 +37,23 @@ class Objective:
     warmup: int = 0                           # epochs over which the distillation part ramps up linearly; 0: none
 
 
-def kd_objective(alpha: float, temperature: float, logit_std: bool = False) -> Objective:
-    """KD per member, ``alpha * T^2 * KL + (1 - alpha) * CE``: with one member KD, with heads DIH's loss."""
-    return Objective(kd_member(alpha, temperature, logit_std=logit_std),
-                     {"kd_alpha": alpha, "kd_temperature": temperature, "logit_std": logit_std})
+def kd_objective(models: ModelSettings, logit_std: bool = False) -> Objective:
+    """KD per member, ``alpha * T^2 * KL + (1 - alpha) * CE`` (or ``--kd_weight``/``--ce_weight``): with one
+    member KD, with heads DIH's loss."""
+    kd_weight, ce_weight = models.kd_weights()
+    t = models.kd_temperature
+    used = ({"ce_weight": ce_weight, "kd_weight": kd_weight} if models.ce_weight is not None
+            else {"kd_alpha": models.kd_alpha})
+    return Objective(weighted_kd_member(kd_weight, ce_weight, t, logit_std=logit_std),
+                     {**used, "kd_temperature": t, "logit_std": logit_std})
+
+
+def weights_label(label: str, flags) -> str:
+    """A KD report label, followed by its separate weights when the run gave them (``--ce_weight``)."""
+    if flags.get("ce_weight") is None:
+        return with_ls(label, flags)
+    return with_ls(f"{label} (CE {flags.get('ce_weight'):g}, KD {flags.get('kd_weight'):g}, "
+                   f"T {flags.get('kd_temperature'):g})", flags)
 
 
 def with_ls(label: str, flags) -> str:
@@ -84,7 +98,7 @@ def distil(ctx: RunContext, teacher: nn.Module, heads, student_arch: str, paths:
     recorded in the model and result files.
     """
     models = ctx.cfg.models
-    objective = objective or kd_objective(models.kd_alpha, models.kd_temperature)
+    objective = objective or kd_objective(models)
     cohort = Cohort(teacher, heads)
     meta = model_meta(ctx, student_arch, teacher=models.teacher, num_heads=len(cohort.heads), **objective.meta,
                       **extra_meta)
@@ -109,8 +123,7 @@ def distil_from_teacher(ctx: RunContext, phase: str, objective: Objective) -> di
 
 def train_kd(ctx: RunContext) -> dict:
     """KD from the frozen ``--saved_path`` teacher into a fresh ``--student``."""
-    m = ctx.cfg.models
-    return distil_from_teacher(ctx, "kd", kd_objective(m.kd_alpha, m.kd_temperature, ctx.cfg.method.logit_std))
+    return distil_from_teacher(ctx, "kd", kd_objective(ctx.cfg.models, ctx.cfg.method.logit_std))
 
 
 def bench_distillation(parts, objective: Objective, heads: nn.ModuleList | None = None) -> Distillation:
@@ -121,11 +134,10 @@ def bench_distillation(parts, objective: Objective, heads: nn.ModuleList | None 
 
 def bench_kd(parts) -> Distillation:
     """One KD step from the bench's teacher."""
-    m = parts.cfg.models
-    return bench_distillation(parts, kd_objective(m.kd_alpha, m.kd_temperature, parts.cfg.method.logit_std))
+    return bench_distillation(parts, kd_objective(parts.cfg.models, parts.cfg.method.logit_std))
 
 
 TRAINING_TYPE = TrainingType(
-    name="kd", run=train_kd, settings=KDSettings, depends_on=STUDENT_KEYS + ("logit_std",),
-    needs=frozenset({"teacher"}), report_order=10, frozen_reference=True, label=lambda flags: with_ls("kd", flags),
+    name="kd", run=train_kd, settings=KDSettings, depends_on=STUDENT_KEYS + ("logit_std",) + WEIGHT_KEYS,
+    needs=frozenset({"teacher"}), report_order=10, frozen_reference=True, label=lambda flags: weights_label("kd", flags),
     summary="knowledge distillation from the teacher's final logits", bench=bench_kd)

@@ -11,7 +11,7 @@ from dihkit.foundations.errors import UserError
 from dihkit.foundations.flags import flag
 from dihkit.runs.model_loading import load_teacher, load_trained, skeleton
 from models_repo import MODELS, count_parameters
-from dihkit.foundations.registry import STUDENT_KEYS, TrainingType
+from dihkit.foundations.registry import STUDENT_KEYS, WEIGHT_KEYS, TrainingType
 from dihkit.runs.run_context import RunContext
 from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from train_kd import KDSettings, bench_kd, distil, kd_objective, with_ls
@@ -56,7 +56,7 @@ def ta_output(out: Path, ta_arch: str) -> Path:
 def train_takd(ctx: RunContext) -> dict:
     """KD teacher -> ``--ta`` (unless ``--saved_ta_path``), then KD ``--ta`` -> student."""
     s, models = ctx.cfg.method, ctx.cfg.models
-    objective = kd_objective(models.kd_alpha, models.kd_temperature, s.logit_std)
+    objective = kd_objective(models, s.logit_std)
     check_ta_size(ctx)
     student_paths = RunPaths.for_output(ctx.out)
     if s.saved_ta_path is not None:
@@ -82,7 +82,7 @@ def takd_outputs(out: Path, flags) -> list:
 
 
 TRAINING_TYPE = TrainingType(
-    name="takd", run=train_takd, flags=FLAGS, settings=TAKDSettings, depends_on=STUDENT_KEYS + ("ta", "logit_std"),
+    name="takd", run=train_takd, flags=FLAGS, settings=TAKDSettings, depends_on=STUDENT_KEYS + WEIGHT_KEYS + ("ta", "logit_std"),
     needs=frozenset({"teacher"}), outputs=takd_outputs, report_order=40, bench=bench_kd,
     label=lambda flags: with_ls("takd", flags),
     description="teacher assistant knowledge distillation (both hops use the distillation flags)",

@@ -14,11 +14,11 @@ from torch import nn
 from dih_utils import Cohort, mount_shapes
 from dihkit.methods.feature_baselines import BETA_FLAG, heads_outputs, report_extra, require_same_stages, teacher_heads
 from dihkit.foundations.flags import flag
-from KD_Loss import kd_kl_term, kd_loss_ls
+from KD_Loss import kd_kl_term, weighted_kd_member
 from dihkit.runs.method_contract import StudentMethod
 from dihkit.runs.model_loading import load_teacher, model_meta, new_model
 from models_repo.base import conv_bn_relu, init_weights
-from dihkit.foundations.registry import STUDENT_KEYS, TrainingType
+from dihkit.foundations.registry import STUDENT_KEYS, WEIGHT_KEYS, TrainingType
 from dihkit.runs.run_context import RunContext
 from dihkit.runs.run_outputs import RunPaths
 from train_funcs import run_phase
@@ -73,18 +73,20 @@ class MHKDMethod(StudentMethod):
     """KD on the final logits plus, per stage, CE + beta * KD between the student's and the teacher's heads;
     ``logit_std`` standardises the logits of every KD term (``--logit_std``)."""
 
-    def __init__(self, student: nn.Module, heads: nn.ModuleList, meta: dict, cohort: Cohort, alpha: float,
+    def __init__(self, student: nn.Module, heads: nn.ModuleList, meta: dict, cohort: Cohort, weights: tuple,
                  beta: float, temperature: float, logit_std: bool = False):
         super().__init__(student, meta)
         self.heads = heads
         self.cohort = cohort
-        self.alpha, self.beta, self.temperature, self.logit_std = alpha, beta, temperature, logit_std
+        # The final logits' KD term: (KD weight, CE weight), ModelSettings.kd_weights().
+        self.final_kd = weighted_kd_member(*weights, temperature, logit_std=logit_std)
+        self.beta, self.temperature, self.logit_std = beta, temperature, logit_std
 
     def forward(self, x, y, idx):
         """The MHKD objective for one batch and the student's final logits."""
         logits, feats, _ = self.student(x, features=True)
         teacher = self.cohort(x)  # [final logits, head_1, ..., head_k], stage order
-        loss = kd_loss_ls(logits, teacher[0], y, self.alpha, self.temperature, logit_std=self.logit_std)
+        loss = self.final_kd(logits, teacher[0], y)
         for head, feat, t_logits in zip(self.heads, feats, teacher[1:], strict=True):
             s_logits = head(feat)
             kd = kd_kl_term(s_logits, t_logits, self.temperature, logit_std=self.logit_std)
@@ -103,10 +105,11 @@ def train_mhkd(ctx: RunContext) -> dict:
     paths = RunPaths.for_output(ctx.out)
     teacher_multi, done = teacher_heads(ctx, teacher, build_multi_heads(teacher, classes, size),
                                         s.saved_mhkd_directory, paths)
-    meta = model_meta(ctx, models.student, teacher=models.teacher, kd_alpha=models.kd_alpha,
-                      kd_temperature=models.kd_temperature, beta=beta, logit_std=s.logit_std,
+    kd_weight, ce_weight = models.kd_weights()
+    meta = model_meta(ctx, models.student, teacher=models.teacher, kd_alpha=models.kd_alpha, kd_weight=kd_weight,
+                      ce_weight=ce_weight, kd_temperature=models.kd_temperature, beta=beta, logit_std=s.logit_std,
                       num_heads=len(heads))
-    method = MHKDMethod(student, heads, meta, Cohort(teacher, teacher_multi), models.kd_alpha, beta,
+    method = MHKDMethod(student, heads, meta, Cohort(teacher, teacher_multi), (kd_weight, ce_weight), beta,
                         models.kd_temperature, s.logit_std)
     report_extra(ctx, {"heads": heads})
     return run_phase(method, ctx, paths, ctx.cfg.optim, "mhkd", meta, done)
@@ -117,13 +120,13 @@ def bench_mhkd(parts) -> MHKDMethod:
     student, m = parts.student(), parts.cfg.models
     heads = build_multi_heads(student, parts.classes, parts.size)
     teacher_heads_ = parts.frozen(build_multi_heads(parts.teacher, parts.classes, parts.size))
-    return MHKDMethod(student, heads, {}, Cohort(parts.teacher, teacher_heads_), m.kd_alpha,
+    return MHKDMethod(student, heads, {}, Cohort(parts.teacher, teacher_heads_), m.kd_weights(),
                       parts.cfg.method.beta, m.kd_temperature, parts.cfg.method.logit_std)
 
 
 TRAINING_TYPE = TrainingType(
     name="mhkd", run=train_mhkd, flags=FLAGS, flag_defaults={"beta": DEFAULT_BETA}, settings=MHKDSettings, needs=frozenset({"teacher"}),
-    depends_on=STUDENT_KEYS + ("beta", "logit_std"), report_order=80, bench=bench_mhkd, same_stages=True,
+    depends_on=STUDENT_KEYS + WEIGHT_KEYS + ("beta", "logit_std"), report_order=80, bench=bench_mhkd, same_stages=True,
     label=lambda flags: with_ls("mhkd", flags),
     outputs=lambda out, flags: heads_outputs(out, flags, "saved_mhkd_directory"),
     description=f"multi-head knowledge distillation: KD on the final logits, and per stage head CE + --beta x KD "

@@ -111,7 +111,7 @@ def test_mhkd_pairs_each_student_head_with_the_teachers_at_the_same_stage():
     torch.manual_seed(0)
     teacher = build_model("res8", 10)
     cohort = Cohort(teacher, build_multi_heads(teacher, 10, 32))
-    method = MHKDMethod(copy.deepcopy(teacher), copy.deepcopy(cohort.heads), {}, cohort, alpha=0.3, beta=1.0,
+    method = MHKDMethod(copy.deepcopy(teacher), copy.deepcopy(cohort.heads), {}, cohort, weights=(0.3, 0.7), beta=1.0,
                         temperature=4.0).eval()
     x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
     with torch.no_grad():

@@ -41,7 +41,7 @@ def test_help_lists_the_shared_groups_then_one_group_per_training_type(capsys):
         final_test.build_parser().parse_args(["--help"])
     assert done.value.code == 0
     titles = [line[:-1] for line in capsys.readouterr().out.splitlines() if re.fullmatch(r"\S.*:", line)]
-    shared = ["options", "run", "data", "optimisation", "distillation", "outputs", "speed", "multi-GPU (torchrun)",
-              "pipeline"]
+    shared = ["options", "run", "data", "optimisation", "distillation", "recipe", "outputs", "speed",
+              "multi-GPU (torchrun)", "pipeline"]
     assert titles[:len(shared)] == shared
     assert {"fitnets", "takd", "at", "crd"} <= set(titles[len(shared):])

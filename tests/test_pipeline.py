@@ -15,6 +15,7 @@ from models_repo import build_model
 from dihkit.runs.run_outputs import RunPaths
 from train_fine_tune import HeadTuning
 from train_funcs import Trainer
+from dihkit.foundations.settings import ModelSettings
 from train_kd import Distillation, kd_objective
 
 
@@ -102,7 +103,7 @@ def test_dih_student_gets_gradient_from_every_head(runs):
     torch.manual_seed(0)
     student = build_model("res8", 10)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    method = Distillation(student, {}, Cohort(teacher, heads), kd_objective(0.1, 5.0))
+    method = Distillation(student, {}, Cohort(teacher, heads), kd_objective(ModelSettings("res14", "res8")))
     method.train()
     assert len(method.cohort.heads) == 3
 
@@ -119,7 +120,7 @@ def test_dih_student_gets_gradient_from_every_head(runs):
             # A zeroed head predicts the uniform distribution: a different teacher signal.
             altered[i].fc.weight.zero_()
             altered[i].fc.bias.zero_()
-        other = Distillation(student, {}, Cohort(teacher, altered), kd_objective(0.1, 5.0))
+        other = Distillation(student, {}, Cohort(teacher, altered), kd_objective(ModelSettings("res14", "res8")))
         assert not torch.allclose(student_grad(other), reference), f"head {i + 1} does not reach the student"
     # And the loss is exactly the DIH loss of all four cohort members.
     with torch.no_grad():
@@ -138,7 +139,7 @@ def test_teacher_and_heads_do_not_change_while_training(runs, tmp_path):
     assert_same(teacher_before, teacher)
     assert not teacher.training
     method = Distillation(build_model("res8", 10), model_meta(ctx, "res8"), Cohort(teacher, heads),
-                          kd_objective(0.1, 5.0))
+                          kd_objective(ModelSettings("res14", "res8")))
     Trainer(method, ctx, RunPaths.for_output(tmp_path / "s.pth"), cfg, "dih", method.meta).run()
     assert_same(teacher_before, teacher)
     assert_same(heads_before, heads)

@@ -190,8 +190,8 @@ def test_plan_sets_each_steps_flags_and_passes_the_rest_through(tmp_path):
 def test_result_keys_are_what_each_type_trains_with():
     keys = {name: set(t.result_keys) for name, t in REGISTRY.items()}
     assert {"lr", "epochs", "schedule", "teacher"} <= keys["ce"] and not {"kd_alpha", "student"} & keys["ce"]
-    assert keys["ce"] == keys["fine_tune"]
-    assert keys["kd"] - keys["ce"] == {"student", "kd_alpha", "kd_temperature", "logit_std"}
+    assert keys["fine_tune"] - keys["ce"] == {"head_selection"}
+    assert keys["kd"] - keys["ce"] == {"student", "kd_alpha", "kd_temperature", "logit_std", "ce_weight", "kd_weight"}
     assert keys["dih"] - keys["kd"] == {"cohort_loss", "dkd_alpha", "dkd_beta", "dkd_warmup", "dist_beta", "dist_gamma"}
     assert keys["fitnets"] - keys["kd"] >= {"epochs_fitnets_1", "hint_layer"}
     assert keys["takd"] - keys["kd"] == {"ta"}

@@ -27,6 +27,7 @@ from console import TINY, make_ctx, run_inprocess
 from dihkit.runs.method_contract import Method
 from dihkit.runs.run_context import RunContext
 from train_fine_tune import HeadTuning
+from dihkit.foundations.settings import ModelSettings
 from train_kd import Distillation, kd_objective
 
 CLASSES = 10
@@ -48,7 +49,7 @@ def dih_method() -> Distillation:
     torch.manual_seed(0)
     teacher = build_model("res8", CLASSES)
     cohort = Cohort(teacher, build_heads(teacher, CLASSES, 32))
-    return Distillation(build_model("res8", CLASSES), {}, cohort, kd_objective(0.1, 5.0))
+    return Distillation(build_model("res8", CLASSES), {}, cohort, kd_objective(ModelSettings("res14", "res8")))
 
 
 def head_tuning_method() -> HeadTuning:

@@ -10,11 +10,11 @@ from dihkit.foundations.flags import HelpFormatter, Parser, Range, Unset, add_fl
 from KD_Loss import LOGIT_STD_TEMPERATURE
 from models_repo import MODELS
 from dihkit.foundations.registry import REGISTRY, ordered
+from dihkit.foundations.recipes import DIH_MILESTONES
+from dihkit.console.recipe_flags import RECIPE_FLAGS
 
 MODES = ("pipeline", "test")
 SEED_RANGE = Range(0, 2 ** 32 - 1, distinct=True)
-# The recipe's milestones as fractions of the epochs: 60/120/180 of 200.
-MILESTONE_FRACTIONS = (0.3, 0.6, 0.9)
 DEFAULT_METHODS = ("ce", "kd", "dih")
 # Shared flags whose default a training type may replace (registry ``flag_defaults``); unset, they are None
 # until the console resolves them for the command's type.
@@ -23,7 +23,7 @@ SHARED_DEFAULTS = {"kd_alpha": 0.1, "kd_temperature": 5.0}
 
 def default_milestones(epochs: int) -> list:
     """The recipe's MultiStepLR milestones for ``epochs`` epochs: 30%, 60% and 90%, at least 1, distinct."""
-    return sorted({min(epochs, max(1, round(f * epochs))) for f in MILESTONE_FRACTIONS})
+    return DIH_MILESTONES.scaled(epochs)
 
 
 RUN_FLAGS = (
@@ -119,6 +119,7 @@ GROUPS = (
     ("data", "dataset, splits and batches", DATA_FLAGS),
     ("optimisation", "SGD and its schedule (the method's recipe by default)", OPTIM_FLAGS),
     ("distillation", "teacher, student, their trained inputs and the KD term", DISTILL_FLAGS),
+    ("recipe", "published settings and loss weights (docs/RECIPES.md); a flag given always wins", RECIPE_FLAGS),
     ("outputs", None, OUTPUT_FLAGS),
     ("speed", None, SPEED_FLAGS),
     ("multi-GPU (torchrun)", "used when launched with torchrun (docs/MULTI_GPU.md)", MULTI_GPU_FLAGS),

@@ -12,6 +12,8 @@ RECIPE_KEYS = ("training_type", "dataset", "val_size", "train_subset", "lr", "wd
                "schedule", "schedule_gamma", "epochs", "batch_size", "scale_lr", "sync_bn")
 # What a distilled student's result depends on beyond the recipe.
 STUDENT_KEYS = ("teacher", "student", "kd_alpha", "kd_temperature")
+# The KD term's separate weights (--ce_weight/--kd_weight), for the types whose KD term takes them.
+WEIGHT_KEYS = ("ce_weight", "kd_weight")
 
 
 def only_output(out: Path, flags) -> list:

@@ -71,6 +71,15 @@ class ModelSettings:
     heads_dir: str | None = None          # --saved_intermediates_directory
     kd_alpha: float = 0.1
     kd_temperature: float = 5.0
+    ce_weight: float | None = None        # with kd_weight: the KD term's weights instead of (alpha, 1 - alpha)
+    kd_weight: float | None = None
+
+    def kd_weights(self) -> tuple:
+        """The KD term's (distillation weight, CE weight): ``--kd_weight``/``--ce_weight`` when given, else
+        ``--kd_alpha``'s convex pair (alpha, 1 - alpha)."""
+        if self.ce_weight is not None:
+            return self.kd_weight, self.ce_weight
+        return self.kd_alpha, 1.0 - self.kd_alpha
 
 
 @dataclass(frozen=True)

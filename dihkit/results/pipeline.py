@@ -27,6 +27,7 @@ from pathlib import Path
 
 import report
 from dihkit.console.console_flags import default_milestones, resolve_defaults
+from dihkit.console.recipe_flags import parse_command
 from dihkit.foundations.errors import UserError
 from dihkit.foundations.registry import REGISTRY
 from dihkit.runs.run_outputs import RunPaths, console_command, output_exists, write_json
@@ -62,12 +63,14 @@ def default_root(args) -> Path:
 
 
 def passthrough(args, parser) -> dict:
-    """Every flag of the pipeline's command that differs from its default and is not the pipeline's own,
+    """Every flag of the pipeline's command that was given or differs from its default and is not the pipeline's own,
     as console tokens keyed by destination (so a step can replace one)."""
-    flags = {}
+    flags, given = {}, set(getattr(args, "explicit_flags", ()))
     for action in parser._actions:
         value = getattr(args, action.dest, None)
-        if not action.option_strings or action.dest in OWNED or value == action.default or value is None:
+        # A flag given at its default still reaches the steps: there it beats a recipe's value.
+        unchanged = value == action.default and action.dest not in given
+        if not action.option_strings or action.dest in OWNED or unchanged or value is None:
             continue
         option = action.option_strings[0]
         if action.nargs == 0:
@@ -82,7 +85,7 @@ def passthrough(args, parser) -> dict:
 def check_unchanged(step: Step, parser) -> None:
     """Refuse to skip a finished step whose recorded training flags differ from the ones this command gives."""
     recorded = json.loads(step.final.result.read_text()).get("args", {})
-    parsed = parser.parse_args(list(step.argv))
+    parsed = parse_command(parser, list(step.argv))
     resolve_defaults(parsed)
     current = vars(parsed)
     for key in REGISTRY[step.training_type].result_keys:

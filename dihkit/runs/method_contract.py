@@ -31,6 +31,9 @@ class Method(nn.Module):
         """Write the trained model(s) to ``path`` (a file, or a directory for heads)."""
         raise NotImplementedError
 
+    def observe_validation(self, epoch: int, metrics: dict) -> None:
+        """Called after each epoch's validation (``metrics``: ``evaluate``'s outputs by name); keeps nothing here."""
+
     def reference(self, x: torch.Tensor) -> dict:
         """Named logits of the frozen cohort (teacher, heads), evaluated once per run on the test split."""
         logits = self.cohort(x)

@@ -1,0 +1,147 @@
+"""Published recipes as data: each value a recipe sets, the training types and model pairs it applies to, and
+the upstream file it comes from (docs/RECIPES.md is generated from these tables by scripts/gen_recipes.py).
+
+``resolve`` turns recipe names, a training type and a teacher/student pair into the values they set; the
+console (``dihkit/console/recipe_flags.py``) fills every flag the user did not give from them. Model names
+are matched as strings, the toolkit's ``res<N>`` as the upstream ``resnet<N>`` (the same networks).
+"""
+import re
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Milestones:
+    """MultiStepLR milestones stated for ``of`` epochs: scaled to the run's epochs (exact at ``of``)."""
+    at: tuple
+    of: int
+
+    def scaled(self, epochs: int) -> list:
+        """The milestones for ``epochs`` epochs: the same fractions, at least 1, distinct, at most ``epochs``."""
+        return sorted({min(epochs, max(1, round(m * epochs / self.of))) for m in self.at})
+
+    def __str__(self) -> str:
+        return f"{' '.join(map(str, self.at))} of {self.of} epochs (scaled to --epochs)"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One value of a recipe: ``dest`` (the flag) takes ``value`` for the listed training types (empty: all),
+    students (empty: all) and (teacher, student) pairs (empty: all); ``val_only``: only with ``--val_size``."""
+    dest: str
+    value: object
+    source: str
+    types: tuple = ()
+    students: tuple = ()
+    pairs: tuple = ()
+    val_only: bool = False
+
+    def applies(self, training_type: str, teacher: str, student: str, val_size: int) -> bool:
+        """Whether this value is meant for this run."""
+        return ((not self.types or training_type in self.types)
+                and (not self.students or student in self.students)
+                and (not self.pairs or (teacher, student) in self.pairs)
+                and (val_size > 0 or not self.val_only))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named set of values; later entries that apply replace earlier ones (general first, then specific)."""
+    name: str
+    summary: str
+    entries: tuple
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A value a recipe set, and where it comes from."""
+    value: object
+    recipe: str
+    source: str
+
+
+DIH_PAPER = "DIH paper, hyper-parameter table (REFERENCE.md section 2)"
+DIH_HEADS = "DIH authors' code, train_regular_middle_logits: each head at its epoch of lowest validation loss"
+DIH_MILESTONES = Milestones((60, 120, 180), 200)
+MDISTILLER_CFG = "megvii-research/mdistiller mdistiller/engine/cfg.py"
+REPDISTILLER = "HobbitLong/RepDistiller train_student.py"
+SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+DIST_CIFAR = "hunto/image_classification_sota configs/strategies/distill/dist_cifar.yaml (REFERENCE.md section 6)"
+DIST_IMAGENET = "hunto/DIST_KD README.md, ImageNet runs (REFERENCE.md section 6)"
+LS_TRAIN = "sunshangquan/logit-standardization-KD tools/train.py (--base-temp 2, --kd-weight 9) and mdistiller/engine/cfg.py"
+LS_README = "sunshangquan/logit-standardization-KD README.md, log name kd,resnet110,resnet20,4,12"
+LS_README_DKD = "sunshangquan/logit-standardization-KD README.md, log name dkd,resnet110,resnet20,2,15,2.0"
+LS_KD_WEIGHT = 9.0
+
+DIH = Recipe("dih", "the DIH paper's recipe, the console's own values (200 epochs, lr 0.1, 60/120/180, T 5, alpha 0.1)", (
+    Entry("epochs", 200, DIH_PAPER), Entry("lr", 0.1, DIH_PAPER), Entry("schedule", DIH_MILESTONES, DIH_PAPER),
+    Entry("schedule_gamma", 0.1, DIH_PAPER), Entry("batch_size", 64, DIH_PAPER), Entry("wd", 5e-4, DIH_PAPER),
+    Entry("momentum", 0.9, DIH_PAPER), Entry("nesterov", True, "DIH authors' code (SGD with nesterov)"),
+    Entry("head_selection", "lowest_val_loss", DIH_HEADS, types=("fine_tune",), val_only=True),
+))
+
+# mdistiller's per-pair DKD beta (configs/cifar100/dkd/<pair>.yaml); every other pair keeps cfg.py's 8.
+DKD_BETA = (
+    Entry("dkd_beta", 8.0, f"{MDISTILLER_CFG} (DKD.BETA)", types=("dkd",)),
+    Entry("dkd_beta", 6.0, "megvii-research/mdistiller configs/cifar100/dkd/{vgg13_vgg8,wrn40_2_wrn_16_2,"
+          "wrn40_2_wrn_40_1,vgg13_mv2}.yaml", types=("dkd",),
+          pairs=(("vgg13", "vgg8"), ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("vgg13", "MobileNetV2"))),
+    Entry("dkd_beta", 2.0, "megvii-research/mdistiller configs/cifar100/dkd/{res56_res20,res110_res32}.yaml",
+          types=("dkd",), pairs=(("resnet56", "resnet20"), ("resnet110", "resnet32"))),
+)
+
+CRD = Recipe("crd", "the CRD/mdistiller CIFAR-100 protocol (240 epochs, lr 0.05, 150/180/210), mdistiller's KD "
+             "weights and DKD's per-pair beta", (
+    Entry("epochs", 240, REPDISTILLER), Entry("lr", 0.05, REPDISTILLER),
+    Entry("lr", 0.01, f"{REPDISTILLER} (lr 0.01 for these students)", students=SMALL_LR_STUDENTS),
+    Entry("schedule", Milestones((150, 180, 210), 240), REPDISTILLER),
+    Entry("schedule_gamma", 0.1, REPDISTILLER), Entry("batch_size", 64, REPDISTILLER),
+    Entry("wd", 5e-4, REPDISTILLER), Entry("momentum", 0.9, REPDISTILLER),
+    Entry("nesterov", False, f"{REPDISTILLER} (plain SGD momentum)"),
+    Entry("ce_weight", 0.1, f"{MDISTILLER_CFG} (KD.LOSS.CE_WEIGHT)", types=("kd",)),
+    Entry("kd_weight", 0.9, f"{MDISTILLER_CFG} (KD.LOSS.KD_WEIGHT)", types=("kd",)),
+    Entry("kd_temperature", 4.0, f"{MDISTILLER_CFG} (KD.TEMPERATURE)", types=("kd",)),
+) + DKD_BETA)
+
+DKD = Recipe("dkd", "DKD's per-pair beta from mdistiller's CIFAR-100 configs (2, 6, else 8)", DKD_BETA)
+
+DIST_CIFAR_RECIPE = Recipe("dist_cifar", "DIST's CIFAR setting: beta = gamma = 2, tau 4, CE 1", (
+    Entry("dist_beta", 2.0, DIST_CIFAR, types=("dist",)), Entry("dist_gamma", 2.0, DIST_CIFAR, types=("dist",)),
+    Entry("kd_temperature", 4.0, DIST_CIFAR, types=("dist",)),
+))
+
+DIST_IMAGENET_RECIPE = Recipe("dist_imagenet", "DIST's ImageNet setting: beta = gamma = 2, tau 1, CE 1", (
+    Entry("dist_beta", 2.0, DIST_IMAGENET, types=("dist",)), Entry("dist_gamma", 2.0, DIST_IMAGENET, types=("dist",)),
+    Entry("kd_temperature", 1.0, DIST_IMAGENET, types=("dist",)),
+))
+
+LS = Recipe("ls", "logit standardisation's runs: KD with CE 0.1, KD 9, base T 2; DKD with alpha and beta x9", (
+    Entry("logit_std", True, LS_TRAIN, types=("kd", "dkd")),
+    Entry("ce_weight", 0.1, LS_TRAIN, types=("kd",)), Entry("kd_weight", LS_KD_WEIGHT, LS_TRAIN, types=("kd",)),
+    Entry("kd_temperature", 2.0, LS_TRAIN, types=("kd", "dkd")),
+    Entry("kd_temperature", 4.0, LS_README, types=("kd",), pairs=(("resnet110", "resnet20"),)),
+    Entry("kd_weight", 12.0, LS_README, types=("kd",), pairs=(("resnet110", "resnet20"),)),
+    Entry("dkd_alpha", LS_KD_WEIGHT, f"{LS_TRAIN}: DKD.ALPHA x 9", types=("dkd",)),
+) + tuple(replace(e, value=e.value * LS_KD_WEIGHT, source=f"{LS_TRAIN}: DKD.BETA x 9, on {e.source}")
+          for e in DKD_BETA) + (
+    Entry("dkd_alpha", 15.0, LS_README_DKD, types=("dkd",), pairs=(("resnet110", "resnet20"),)),
+    Entry("dkd_beta", 30.0, LS_README_DKD, types=("dkd",), pairs=(("resnet110", "resnet20"),)),
+))
+
+RECIPES = {r.name: r for r in (DIH, CRD, DKD, DIST_CIFAR_RECIPE, DIST_IMAGENET_RECIPE, LS)}
+DEFAULT_RECIPE = "dih"
+
+
+def upstream_name(model: str | None) -> str | None:
+    """The upstream spelling of a model name: the toolkit's ``res110`` is ``resnet110``; others unchanged."""
+    return re.sub(r"^res(\d+)$", r"resnet\1", model) if model else model
+
+
+def resolve(names, training_type: str, teacher: str | None, student: str | None, val_size: int = 0) -> dict:
+    """``{flag dest: Resolved}`` for the recipes ``names`` (a later recipe's value replaces an earlier one's)."""
+    teacher, student = upstream_name(teacher), upstream_name(student)
+    values = {}
+    for name in names:
+        for e in RECIPES[name].entries:
+            if e.applies(training_type, teacher, student, val_size):
+                values[e.dest] = Resolved(e.value, name, e.source)
+    return values
