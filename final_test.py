@@ -12,7 +12,8 @@ import dataload
 from dihkit.runs import distributed
 from dihkit.results import pipeline
 import training_types  # noqa: F401  (fills the registry)
-from dihkit.console.console_flags import MILESTONE_FRACTIONS, build_parser, resolve_defaults, resolve_teacher
+from dihkit.console.console_flags import build_parser, resolve_defaults, resolve_teacher
+from dihkit.foundations.recipes import DIH_MILESTONES
 from dihkit.console.recipe_flags import parse_command
 from dihkit.console.devices import configure_backends, resolve_data_path, resolve_device, resolve_speed
 from dihkit.runs.distributed import from_env
@@ -41,7 +42,7 @@ def validate(args, parser) -> None:
     bad = [m for m in args.schedule or () if m > args.epochs]
     if bad:
         raise UserError(f"--schedule milestone {bad[0]} is outside 1..{args.epochs} (--epochs); leave --schedule out "
-                        f"for milestones at {', '.join(f'{x:.0%}' for x in MILESTONE_FRACTIONS)} of --epochs")
+                        f"for milestones at {', '.join(f'{m / DIH_MILESTONES.of:.0%}' for m in DIH_MILESTONES.at)} of --epochs")
 
 
 def make_settings(args) -> Settings:
