@@ -88,7 +88,9 @@ def test_torchrun_accuracy_matches_single_process_evaluation(launched, monkeypat
                                              "--saved_intermediates_directory", out / "heads"])
     assert alone["test_top1"] == teacher["test_top1"]
     for name, metrics in heads["final_test"].items():
-        assert alone["final_test"][name] == metrics
+        # The run's frozen teacher is folded (conv+BN), the test mode's is not: the mean loss agrees to
+        # float rounding, the counts exactly.
+        assert alone["final_test"][name] == {**metrics, "loss": pytest.approx(metrics["loss"], rel=1e-5)}
     monkeypatch.undo()
     alone = evaluate_inprocess(monkeypatch, ["--saved_path", out / "dih.pth"])
     assert alone["test_top1"] == student["test_top1"]

@@ -8,6 +8,7 @@ from torch import nn
 from bench.timing import generated_data
 from console import make_ctx
 from dih_utils import Cohort, build_heads, fingerprint, freeze
+from dihkit.foundations.settings import ModelSettings
 from dihkit.runs.folding import folded
 from dihkit.runs.run_outputs import RunPaths
 from models_repo import MODELS, build_model
@@ -100,7 +101,7 @@ def test_a_run_folds_its_cohort_and_records_the_unfolded_fingerprint(tmp_path):
     teacher = randomise_batch_norms(build_model("res8", CLASSES))
     heads = build_heads(teacher, CLASSES, 32)
     expected_id = fingerprint(nn.ModuleList([teacher, heads]))
-    method = Distillation(build_model("res8", CLASSES), {}, Cohort(teacher, heads), kd_objective(0.1, 5.0))
+    method = Distillation(build_model("res8", CLASSES), {}, Cohort(teacher, heads), kd_objective(ModelSettings("res8", "res8")))
     ctx = make_ctx(["--training_type", "kd"], data=generated_data("cifar10", 8, 8), out=tmp_path / "kd.pth")
     trainer = Trainer(method, ctx, RunPaths.for_output(ctx.out), ctx.cfg.optim, "kd", {})
     assert trainer.cohort_id == expected_id

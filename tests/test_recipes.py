@@ -135,7 +135,7 @@ def test_heads_are_kept_each_at_its_own_lowest_validation_loss(tmp_path):
     method.export(tmp_path, {"epoch": 3, "selected_on": "last epoch", "seed": 1})
     chosen = [2, 1, 2]
     for i, epoch in enumerate(chosen):
-        rec = torch.load(tmp_path / f"head_{i + 1}.pth", weights_only=False)
+        rec = torch.load(tmp_path / f"head_{i + 1}.pth", weights_only=True)
         assert (rec["head_epoch"], rec["selected_on"]) == (epoch, "lowest validation loss, per head")
         assert torch.equal(rec["state_dict"]["fc.weight"], snapshots[epoch - 1][i])
     assert "kept.0.fc.weight" in method.state_dict()  # a resumed run continues from the kept copies
