@@ -60,6 +60,21 @@ def noisy_labels_teacher(tmp_path_factory):
     return folder
 
 
+def pytest_addoption(parser):
+    """``--runslow``: also run the tests marked ``slow`` (CI and the README's full-suite command do)."""
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (the full suite)")
+
+
 def pytest_configure(config):
-    """``slow``: tests over a minute; CI and the README's command run them, ``-m "not slow"`` skips them."""
-    config.addinivalue_line("markers", "slow: takes over a minute (deselect with -m 'not slow' while iterating)")
+    """``slow``: the heavy tests (benchmark pairs, torchrun, the seed's commands); ``--runslow`` runs them."""
+    config.addinivalue_line("markers", "slow: heavy; run with --runslow (CI runs the full suite)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without ``--runslow`` the slow tests are skipped, and say how to run them."""
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run the full suite with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

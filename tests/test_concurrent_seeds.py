@@ -1,4 +1,5 @@
 """--concurrent_seeds: the seeds of one command as processes at once give the runs one after the other."""
+import pytest
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ def weights(path):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 def test_concurrent_seeds_equal_the_sequential_runs(tmp_path):
     base = [*TINY, "--training_type", "ce", "--teacher", "res8", "--train_subset", "100", "--seed", "3", "4"]
     one_by_one = console([*base, "--path_to_save", tmp_path / "seq" / "m.pth"], tmp_path)

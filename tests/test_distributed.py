@@ -22,6 +22,9 @@ import final_test
 from console import ROOT, TINY, run_inprocess
 from dihkit.foundations.errors import UserError
 
+# torchrun launches two processes per run: heavy, so in the full suite (--runslow) only.
+pytestmark = pytest.mark.slow
+
 
 # The smallest teacher keeps three launches of two processes each within this file's time budget.
 SMALL_TEACHER = ["--teacher", "res8"]
