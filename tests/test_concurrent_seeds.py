@@ -1,11 +1,11 @@
 """--concurrent_seeds: the seeds of one command as processes at once give the runs one after the other."""
-import pytest
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from console import ROOT, TINY
