@@ -111,17 +111,26 @@ def test_a_torchvision_state_dict_and_its_toolkit_file_compute_torchvisions_func
         torch.testing.assert_close(again.double().eval()(x), expected, rtol=1e-10, atol=1e-10)
 
 
-def test_kd_teaches_from_a_torchvision_file_as_torchvision_computes_it(tmp_path):
+@pytest.fixture(scope="module")
+def torchvision_world(tmp_path_factory):
+    """A generated 64-px image folder (10 classes) and a seeded torchvision ResNet-18 for it, saved as torchvision
+    saves a state dict: (folder, the model, the file, the console flags that read them)."""
+    root = tmp_path_factory.mktemp("torchvision_world")
+    data = make_imagefolder(root / "data", train_per_class=4, test_per_class=3, size=64, classes=10)
+    reference = torchvision_model("resnet18", 10, seed=4)
+    torch.save(reference.state_dict(), root / "resnet18.pth")
+    flags = ["--teacher", "resnet18", "--saved_path", root / "resnet18.pth", "--dataset", "imagefolder", "--data_dir",
+             data, "--no_cache", "--num_workers", "0", "--epochs", "1", "--batch_size", "20", "--seed", "3",
+             "--gpu_id", "cpu"]
+    return data, reference, flags
+
+
+def test_kd_teaches_from_a_torchvision_file_as_torchvision_computes_it(torchvision_world, tmp_path):
     """A bare torchvision state dict is the console's kd teacher: the frozen teacher's recorded test loss and
     accuracy are those of torchvision's own model on the same test images."""
-    data = make_imagefolder(tmp_path / "data", train_per_class=4, test_per_class=3, size=64, classes=10)
-    reference = torchvision_model("resnet18", 10, seed=4)
-    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    data, reference, flags = torchvision_world
     out = tmp_path / "kd.pth"
-    assert run_inprocess(["--training_type", "kd", "--teacher", "resnet18", "--saved_path", tmp_path / "resnet18.pth",
-                          "--student", "mobilenet_v1", "--dataset", "imagefolder", "--data_dir", data, "--no_cache",
-                          "--num_workers", "0", "--epochs", "1", "--batch_size", "20", "--seed", "3", "--gpu_id",
-                          "cpu", "--path_to_save", out]) == 0
+    assert run_inprocess(["--training_type", "kd", *flags, "--student", "mobilenet_v1", "--path_to_save", out]) == 0
     recorded = json.loads(out.with_suffix(".json").read_text())["reference_test"]["teacher"]
     bundle = dataload.load_data("imagefolder", str(data))
     x, y, _ = next(dataload.eval_batches(bundle.test, bundle.info, len(bundle.test), CPU))
@@ -129,6 +138,19 @@ def test_kd_teaches_from_a_torchvision_file_as_torchvision_computes_it(tmp_path)
         logits = reference(x)
     assert recorded["top1"] == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
     assert recorded["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+def test_dih_runs_on_pooled_heads_of_a_torchvision_teacher(torchvision_world, tmp_path, capsys):
+    _, _, flags = torchvision_world
+    assert run_inprocess(["--training_type", "fine_tune", *flags, "--path_to_save", tmp_path / "heads"]) == 0
+    head = safe_load(tmp_path / "heads" / "head_4.pth", "head file")
+    assert (head["teacher_arch"], head["head_form"], head["state_dict"]["fc.weight"].shape) == \
+        ("resnet18", "avgpool 1x1", (10, 512))
+    assert run_inprocess(["--training_type", "dih", *flags, "--student", "mobilenet_v1", "--saved_intermediates_directory",
+                          tmp_path / "heads", "--path_to_save", tmp_path / "dih.pth"]) == 0
+    reference = json.loads((tmp_path / "dih.json").read_text())["reference_test"]
+    assert set(reference) == {"teacher", "head_1", "head_2", "head_3", "head_4"}
+    assert "each head one linear layer on a feature map average-pooled first (avgpool 1x1" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("published, arch, message", [
