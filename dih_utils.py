@@ -11,20 +11,27 @@ from dihkit.files.checkpoints import FORMAT, atomic_save, check_finite, check_st
 from dihkit.foundations.errors import UserError
 from dihkit.runs.folding import folded
 
+# The form of the paper's heads, and of every head file written before head files recorded their form.
+FLATTEN = "flatten"
 # The exact name of head i (1, 2, ... without leading zeros); anything else named like a head is a stray.
 HEAD_FILE = re.compile(r"^head_([1-9][0-9]*)\.pth$")
 
 
 class IntermediateHead(nn.Module):
-    """Flatten the feature map and apply one linear layer: no pooling, no non-linearity."""
+    """One linear layer on a mount point's feature map, no non-linearity: the map flattened (the paper's CIFAR
+    heads), or with ``pool`` average-pooled to ``pool x pool`` first (heads on the ImageNet-layout networks,
+    whose flattened maps would need 200M weights for 1,000 classes; docs/IMAGENET.md). ``form`` names which,
+    and each head file records it."""
 
-    def __init__(self, in_features: int, num_classes: int):
+    def __init__(self, in_features: int, num_classes: int, pool: int | None = None):
         super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(pool) if pool else nn.Identity()
+        self.form = f"avgpool {pool}x{pool}" if pool else FLATTEN
         self.fc = nn.Linear(in_features, num_classes)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         """Logits of one mount-point feature map."""
-        return self.fc(torch.flatten(feat, 1))
+        return self.fc(torch.flatten(self.pool(feat), 1))
 
 
 def mount_shapes(teacher: nn.Module, image_size: int) -> list[tuple[int, ...]]:
@@ -39,9 +46,11 @@ def mount_shapes(teacher: nn.Module, image_size: int) -> list[tuple[int, ...]]:
 
 
 def build_heads(teacher: nn.Module, num_classes: int, image_size: int) -> nn.ModuleList:
-    """One IntermediateHead per mount point of ``teacher``, sized by a dry run."""
-    shapes = mount_shapes(teacher, image_size)
-    return nn.ModuleList(IntermediateHead(c * h * w, num_classes) for c, h, w in shapes)
+    """One IntermediateHead per mount point of ``teacher``, sized by a dry run, of the form the teacher's
+    ``head_pool`` asks for (flatten, or average-pool first)."""
+    pool = getattr(teacher, "head_pool", None)
+    return nn.ModuleList(IntermediateHead(c * (pool * pool if pool else h * w), num_classes, pool)
+                         for c, h, w in mount_shapes(teacher, image_size))
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -111,7 +120,8 @@ def save_heads(heads: nn.ModuleList, directory, meta: dict, per_head: list | Non
     for i, head in enumerate(heads, start=1):
         path = directory / f"head_{i}.pth"
         own = per_head[i - 1] if per_head else {}
-        record = {"format": FORMAT, "kind": "head", "index": i, **meta, **extra, **own,
+        form = {"head_form": head.form} if isinstance(head, IntermediateHead) else {}
+        record = {"format": FORMAT, "kind": "head", "index": i, **meta, **extra, **own, **form,
                   "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}}
         atomic_save(record, path)
         paths.append(path)
@@ -218,6 +228,9 @@ def load_heads(directory, teacher: nn.Module, meta: dict, heads: nn.ModuleList |
         if rec.get("teacher_fingerprint") != meta["teacher_fingerprint"]:
             raise UserError(f"head file '{found[i]}' was fine-tuned on a different {meta['teacher_arch']} "
                             f"checkpoint than --saved_path; fine-tune heads for this teacher")
+        if isinstance(head, IntermediateHead) and rec.get("head_form", FLATTEN) != head.form:
+            raise UserError(f"head file '{found[i]}' holds a head of form '{rec.get('head_form', FLATTEN)}', but DIH "
+                            f"heads on a {meta['teacher_arch']} are '{head.form}'; fine-tune heads for this teacher")
         check_state_dict(head, rec["state_dict"], "head file", found[i])
         head.load_state_dict(rec["state_dict"])
     return heads

@@ -12,7 +12,8 @@ import dataload
 from dihkit.runs import distributed
 from dihkit.results import pipeline
 import training_types  # noqa: F401  (fills the registry)
-from dihkit.console.console_flags import build_parser, resolve_defaults, resolve_teacher
+from dihkit.console.console_flags import build_parser, resolve_defaults
+from dihkit.console.model_names import resolve_models
 from dihkit.foundations.recipes import DIH_MILESTONES
 from dihkit.console.recipe_flags import parse_command
 from dihkit.console.devices import configure_backends, resolve_data_path, resolve_device, resolve_speed
@@ -74,7 +75,7 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
-    args = parse_command(parser, argv, resolve_teacher)
+    args = parse_command(parser, argv, resolve_models)
     validate(args, parser)
     if args.training_type == "pipeline":
         return pipeline.run_pipeline(args, parser, run)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dih_utils import Cohort, build_heads, fingerprint, heads_meta, mount_shapes, save_heads
+from dih_utils import FLATTEN, Cohort, build_heads, fingerprint, heads_meta, mount_shapes, save_heads
 from dihkit.foundations.errors import UserError
 from dihkit.runs.method_contract import Method
 from dihkit.runs.model_loading import load_teacher
@@ -104,10 +104,14 @@ def fine_tune(ctx: RunContext) -> dict:
                       fingerprint(teacher))
     heads = build_heads(teacher, info.num_classes, info.image_size).to(ctx.device)
     # The printed loss is often in the hundreds or thousands; say why before a user takes it for divergence.
+    widest = max(h.fc.in_features for h in heads)
+    reads = (f"a flattened feature map of up to {widest:,} features, so it can start in the thousands "
+             "(docs/METHODS.md#head-fine-tuning)" if heads[0].form == FLATTEN else
+             f"a feature map average-pooled first ({heads[0].form}, up to {widest:,} features; "
+             "docs/IMAGENET.md#heads-that-pool)")
     ctx.say(f"[fine_tune] {len(heads)} heads on {arch}: " + ", ".join(f"{count_parameters(h):,}" for h in heads)
             + f" parameters; the loss shown is the sum of the {len(heads)} heads' cross-entropies, each head one "
-              f"linear layer on a flattened feature map of up to {max(h.fc.in_features for h in heads):,} features, "
-              "so it can start in the thousands (docs/METHODS.md#head-fine-tuning)")
+              f"linear layer on {reads}")
     selection = ctx.cfg.method.head_selection
     if selection == "lowest_val_loss" and ctx.data.val is None:  # the console refuses this before loading data
         raise UserError("--head_selection lowest_val_loss needs a validation split (--val_size)")

@@ -60,21 +60,21 @@ def finish(net: nn.Module, feat: torch.Tensor, start: int) -> tuple[torch.Tensor
     for stage in net.stages[start:]:
         feat = stage(feat)
     pooled = torch.flatten(net.pool(net.tail(feat)), 1)
-    return net.fc(pooled), pooled
+    return net.fc(net.dropout(pooled)), pooled
 
 
 class AuxClassifier(nn.Module):
     """Classifier on stage ``index``'s output shaped like the rest of the backbone after it.
 
     Its modules are taken from a fresh model of the same architecture: the stages after ``index``, the
-    tail, the pooling and the linear classifier.
+    tail, the pooling, the dropout (torchvision's MobileNetV2 has one) and the linear classifier.
     """
 
     def __init__(self, arch: str, num_classes: int, index: int):
         super().__init__()
         fresh = build_model(arch, num_classes)
         self.stages = nn.ModuleList(fresh.stages[index + 1:])
-        self.tail, self.pool, self.fc = fresh.tail, fresh.pool, fresh.fc
+        self.tail, self.pool, self.dropout, self.fc = fresh.tail, fresh.pool, fresh.dropout, fresh.fc
 
     def forward(self, feat: torch.Tensor, features: bool = False):
         """Logits, or with ``features=True`` (logits, pooled feature vector)."""

@@ -5,6 +5,7 @@ from dihkit.foundations.errors import UserError
 
 from .base import StagedNet
 from .cifar_resnet import X4, cifar_resnet
+from .mobilenetv1 import mobilenet_v1
 from .mobilenetv2 import mobilenet_v2
 from .resnet import imagenet_resnet
 from .shufflenet import shufflenet_v1, shufflenet_v2
@@ -37,6 +38,16 @@ BENCHMARK = {
     "ResNet50": partial(imagenet_resnet, [3, 4, 6, 3], bottleneck=True),
 }
 MODELS.update(BENCHMARK)
+# ImageNet's distillation pairs (mdistiller, torchdistill): torchvision's layouts under torchvision's names, and
+# mdistiller's MobileNetV1; their DIH heads pool (docs/IMAGENET.md). Names resolve by image size: models_repo/names.py.
+IMAGENET = {
+    "resnet18": partial(imagenet_resnet, [2, 2, 2, 2], torchvision=True),
+    "resnet34": partial(imagenet_resnet, [3, 4, 6, 3], torchvision=True),
+    "resnet50": partial(imagenet_resnet, [3, 4, 6, 3], bottleneck=True, torchvision=True),
+    "mobilenet_v2": partial(mobilenet_v2, width=1.0, torchvision=True),
+    "mobilenet_v1": mobilenet_v1,
+}
+MODELS.update(IMAGENET)
 
 
 def build_model(name: str, num_classes: int) -> StagedNet:

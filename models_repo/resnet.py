@@ -1,13 +1,16 @@
-"""ResNet-18/34/50 adapted to CIFAR: 3x3 stride-1 stem, no max-pool, four stages of widths 64-512.
+"""ResNet-18/34/50: adapted to CIFAR (3x3 stride-1 stem, no max-pool), or in torchvision's ImageNet layout.
 
-ResNet-50 uses bottleneck blocks (4x expansion); it is RepDistiller's and mdistiller's CIFAR ``ResNet50``
-(their ``resnetv2``), whose ``ResNet18``/``ResNet34`` are res18/res34 here.
+Four stages of widths 64-512; ResNet-50 uses bottleneck blocks (4x expansion, the stride on the 3x3 conv as
+torchvision's v1.5). The CIFAR ResNet-50 is RepDistiller's and mdistiller's ``ResNet50`` (their ``resnetv2``),
+whose ``ResNet18``/``ResNet34`` are res18/res34 here. The ImageNet layout (``torchvision=True``) has
+torchvision's stem: a 7x7 stride-2 convolution, batch norm, ReLU and a 3x3 stride-2 max-pool; its blocks are
+the same, so a torchvision state dict maps onto it by renaming alone (``models_repo/upstream.py``).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import StagedNet, conv_bn_relu, init_weights
+from .base import IMAGENET_HEAD_POOL, StagedNet, conv_bn_relu, init_weights
 from .cifar_resnet import make_stage, projection
 
 
@@ -38,8 +41,16 @@ def bottleneck_stage(cin: int, planes: int, blocks: int, stride: int) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
-def imagenet_resnet(blocks: list[int], num_classes: int, bottleneck: bool = False) -> StagedNet:
-    """ResNet with 1x1 projection shortcuts, ``blocks`` per stage: BasicBlocks, or Bottlenecks."""
+def torchvision_stem() -> nn.Sequential:
+    """7x7 stride-2 convolution, batch norm, ReLU, 3x3 stride-2 max-pool: a quarter of the input's size."""
+    return nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(3, 2, 1))
+
+
+def imagenet_resnet(blocks: list[int], num_classes: int, bottleneck: bool = False,
+                    torchvision: bool = False) -> StagedNet:
+    """ResNet with 1x1 projection shortcuts, ``blocks`` per stage: BasicBlocks, or Bottlenecks; the CIFAR
+    stem, or with ``torchvision`` torchvision's (and DIH heads that average-pool, ``StagedNet.head_pool``)."""
     widths = [64, 128, 256, 512]
     expansion = 4 if bottleneck else 1
     stages, cin = [], 64
@@ -47,4 +58,6 @@ def imagenet_resnet(blocks: list[int], num_classes: int, bottleneck: bool = Fals
         stride = 1 if i == 0 else 2
         stages.append(bottleneck_stage(cin, w, n, stride) if bottleneck else make_stage(cin, w, n, stride))
         cin = w * expansion
-    return init_weights(StagedNet(conv_bn_relu(3, 64), stages, nn.Identity(), cin, num_classes))
+    stem = torchvision_stem() if torchvision else conv_bn_relu(3, 64)
+    return init_weights(StagedNet(stem, stages, nn.Identity(), cin, num_classes,
+                                  head_pool=IMAGENET_HEAD_POOL if torchvision else None))

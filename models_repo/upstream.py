@@ -1,14 +1,19 @@
-"""Key renaming rules from RepDistiller's and mdistiller's CIFAR models to this registry's layout.
+"""Key renaming rules from other code's models to this registry's layout: RepDistiller's and mdistiller's
+CIFAR models, torchvision's ImageNet ResNets and MobileNetV2, mdistiller's ImageNet MobileNetV1.
 
-Their checkpoints (``{'epoch', 'model': state_dict, 'accuracy', 'optimizer'}``, or ``{'model': ...}``)
-name tensors after their modules (``conv1.``, ``layer1.``, ``block1.layer.``, ``blocks.``, ``linear.``...).
-Each architecture family has an explicit list of (anchored pattern, replacement) rules; the first rule
-that matches a key renames it, and a key no rule matches belongs to another architecture. Nothing is
-matched fuzzily: the renamed tensors are then checked one by one against the model's names and shapes.
+Their checkpoints (``{'epoch', 'model': state_dict, 'accuracy', 'optimizer'}``, ``{'model': ...}``, or
+torchvision's bare ``state_dict()``) name tensors after their modules (``conv1.``, ``layer1.``,
+``block1.layer.``, ``blocks.``, ``features.``, ``linear.``...). Each architecture family has an explicit list
+of (anchored pattern, replacement) rules; the first rule that matches a key renames it, and a key no rule
+matches belongs to another architecture. Nothing is matched fuzzily: the renamed tensors are then checked one
+by one against the model's names and shapes.
 """
 import re
 
 from dihkit.foundations.errors import UserError
+
+from .mobilenetv1 import unit_prefix
+from .mobilenetv2 import GROUPS
 
 
 def stage(m: re.Match) -> str:
@@ -31,6 +36,25 @@ MOBILE_GROUP = {"0": "0.0", "1": "0.1", "2": "1.0", "3": "2.0", "4": "2.1", "5":
 MOBILENET = [(r"conv1\.", "stem."), (r"blocks\.([0-6])\.", lambda m: f"stages.{MOBILE_GROUP[m[1]]}."),
              (r"conv2\.", "tail."), (r"classifier\.0\.", "fc.")]
 
+
+def torchvision_mobilenet_unit(m: re.Match) -> str:
+    """Where torchvision's MobileNetV2 ``features.<i>.`` sits here: 0 the stem, 1-17 the blocks group by
+    group (each group's place from MOBILE_GROUP), 18 the last 1x1 conv (the tail)."""
+    i = int(m[1])
+    if i == 0:
+        return "stem."
+    for g, (_, _, blocks, _) in enumerate(GROUPS):
+        if i <= blocks:
+            return f"stages.{MOBILE_GROUP[str(g)]}.{i - 1}."
+        i -= blocks
+    return "tail."
+
+
+# torchvision's ResNets name their modules as RepDistiller's CIFAR ResNets do (``downsample`` included).
+TORCHVISION_RESNET = RESNET
+TORCHVISION_MOBILENET = [(r"features\.(1[0-8]|[0-9])\.", torchvision_mobilenet_unit), (r"classifier\.1\.", "fc.")]
+MDISTILLER_MOBILENET_V1 = [(r"model\.(1[0-3]|[0-9])\.", lambda m: unit_prefix(int(m[1]))), (r"fc\.", "fc.")]
+
 RULES = {
     **{f"res{d}": RESNET for d in (8, 14, 20, 110)},
     **{f"resnet{d}": RESNET for d in (8, 14, 20, 32, 44, 56, 110)},
@@ -39,7 +63,19 @@ RULES = {
     **{name: VGG for name in ("vgg8", "vgg11_crd", "vgg13", "vgg16", "vgg19")},
     "res18": LAYERED, "res34": LAYERED, "ResNet50": LAYERED, "ShuffleV1": LAYERED,
     "ShuffleV2": SHUFFLE_V2, "MobileNetV2": MOBILENET,
+    "resnet18": TORCHVISION_RESNET, "resnet34": TORCHVISION_RESNET, "resnet50": TORCHVISION_RESNET,
+    "mobilenet_v2": TORCHVISION_MOBILENET, "mobilenet_v1": MDISTILLER_MOBILENET_V1,
 }
+# Whose layout each architecture's rules read; every other one is RepDistiller's/mdistiller's CIFAR layout.
+SOURCES = {"resnet18": "torchvision", "resnet34": "torchvision", "resnet50": "torchvision",
+           "mobilenet_v2": "torchvision", "mobilenet_v1": "mdistiller"}
+
+
+def source_of(arch: str) -> str:
+    """The code whose files the rules of ``arch`` read, for messages and records (``torchvision``...)."""
+    return SOURCES.get(arch, "RepDistiller/mdistiller")
+
+
 # Top-level names only this toolkit's models use (every one has ``stages.``; upstream files share ``fc.``).
 OWN_PREFIXES = ("stem.", "stages.", "tail.")
 
@@ -75,21 +111,21 @@ def from_upstream(state: dict, arch: str, expected: dict | None, source: str) ->
         hint = " (their vgg11 is vgg11_crd here)" if arch == "vgg11" else ""
         raise UserError(f"{source} is not in this toolkit's layout, and no RepDistiller/mdistiller rule exists "
                         f"for a {arch}{hint}; its first key is '{next(iter(state))}'")
-    out = {}
+    source_code, out = source_of(arch), {}
     for key, value in state.items():
         new = rename(key, rules)
         if new is None:
-            raise UserError(f"{source} does not hold a RepDistiller/mdistiller {arch}: key '{key}' "
+            raise UserError(f"{source} does not hold a {source_code} {arch}: key '{key}' "
                             f"{shape_text(value)} matches none of its rules")
         if expected is not None and new not in expected:
-            raise UserError(f"{source} does not hold a RepDistiller/mdistiller {arch}: key '{key}' "
+            raise UserError(f"{source} does not hold a {source_code} {arch}: key '{key}' "
                             f"{shape_text(value)} has no counterpart in a {arch}")
         if expected is not None and shape_text(value) != str(tuple(expected[new])):
-            raise UserError(f"{source} does not hold a RepDistiller/mdistiller {arch}: key '{key}' has shape "
+            raise UserError(f"{source} does not hold a {source_code} {arch}: key '{key}' has shape "
                             f"{shape_text(value)}, a {arch} needs {tuple(expected[new])}")
         out[new] = value
     missing = [k for k in (expected or {}) if k not in out]
     if missing:
-        raise UserError(f"{source} does not hold a RepDistiller/mdistiller {arch}: it lacks the tensor this "
+        raise UserError(f"{source} does not hold a {source_code} {arch}: it lacks the tensor this "
                         f"toolkit names '{missing[0]}'")
     return out

@@ -4,7 +4,7 @@ import torch
 
 from dih_utils import build_heads
 from dihkit.foundations.errors import UserError
-from models_repo import BENCHMARK, MODELS, build_model, count_parameters
+from models_repo import BENCHMARK, IMAGENET, MODELS, build_model, count_parameters
 
 # The method's table (REFERENCE.md section 3), 100 classes; approximate ones within 1%.
 EXPECTED_PARAMS = {"res8": 83_892, "res14": 181_108, "res20": 278_324, "res110": 1_736_564,
@@ -18,8 +18,9 @@ MOUNTS = {
 }
 
 
-# The seed's architectures; the benchmark's (their counts, mounts and checkpoints) are in test_benchmark.py.
-SEED = [name for name in MODELS if name not in BENCHMARK]
+# The seed's architectures; the benchmark's (their counts, mounts and checkpoints) are in test_benchmark.py,
+# the ImageNet networks' in test_imagenet_models.py.
+SEED = [name for name in MODELS if name not in BENCHMARK and name not in IMAGENET]
 
 
 def test_registry_names():

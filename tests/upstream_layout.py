@@ -1,5 +1,6 @@
-"""RepDistiller/mdistiller checkpoints made from the hand-written fixtures of their published key layout,
-and an independent functional forward of those tensors under their own names.
+"""RepDistiller/mdistiller checkpoints made from the hand-written fixtures of their published key layout (the
+CIFAR-100 zoo's, and mdistiller's ImageNet MobileNetV1), and an independent functional forward of those tensors
+under their own names.
 
 A fixture (``fixtures/upstream_keys/<arch>.txt``) lists one tensor per line, ``name d1 d2 ...``; ``BN name c``
 stands for a batch norm's weight, bias, running_mean, running_var (c each) and num_batches_tracked; a
@@ -18,7 +19,8 @@ BN_PARTS = ("weight", "bias", "running_mean", "running_var")
 
 
 def layout(arch: str) -> dict:
-    """Tensor name -> shape of the upstream ``arch`` at 100 classes, in the fixture's order."""
+    """Tensor name -> shape of the upstream ``arch`` (CIFAR-100's 100 classes; MobileNetV1's 1000), in the
+    fixture's order."""
     shapes = {}
     for line in (FIXTURES / f"{arch}.txt").read_text().splitlines():
         if not line.strip() or line.startswith("#"):
@@ -185,6 +187,16 @@ def resnet50(w, x):
     return classify(x, w, "linear")
 
 
+def mobilenet_v1(w, x):
+    """mdistiller's ImageNet MobileNetV1 (``imagenet/mobilenetv1.py``): depthwise-separable blocks; its
+    ``AvgPool2d(7)`` is global average pooling at 224 px, and global here at any size."""
+    x = F.relu(bn(conv(x, w, "model.0.0", 2), w, "model.0.1"))
+    for i, s in enumerate((1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1), start=1):
+        x = F.relu(bn(conv(x, w, f"model.{i}.0", s, groups=x.shape[1]), w, f"model.{i}.1"))
+        x = F.relu(bn(conv(x, w, f"model.{i}.3"), w, f"model.{i}.4"))
+    return classify(x, w, "fc")
+
+
 def forward_of(arch: str):
     """The independent forward of upstream ``arch``."""
     if arch.startswith("resnet"):
@@ -193,4 +205,5 @@ def forward_of(arch: str):
         return wrn
     if arch.startswith("vgg"):
         return vgg
-    return {"MobileNetV2": mobilenet, "ShuffleV1": shuffle_v1, "ShuffleV2": shuffle_v2, "ResNet50": resnet50}[arch]
+    return {"MobileNetV2": mobilenet, "ShuffleV1": shuffle_v1, "ShuffleV2": shuffle_v2, "ResNet50": resnet50,
+            "MobileNetV1": mobilenet_v1}[arch]

@@ -3,8 +3,9 @@
 A model file is a dict ``{"format", "kind": "model", "arch", "num_classes", "dataset", "image_size",
 "epoch", "state_dict", ...}``. Teacher files from other code are accepted when they are plain state
 dicts (optionally with the ``module.`` prefix of DataParallel/DDP, bare or wrapped as ``{"state_dict": ...}``
-or ``{"model": ...}``) whose keys and shapes match; RepDistiller's and mdistiller's files are renamed to the
-registry's layout by the rules of ``models_repo/upstream.py`` and checked tensor by tensor. Every file is written atomically and read with
+or ``{"model": ...}``) whose keys and shapes match; RepDistiller's and mdistiller's files and torchvision's
+state dicts are renamed to the registry's layout by the rules of ``models_repo/upstream.py`` and checked
+tensor by tensor. Every file is written atomically and read with
 ``weights_only=True``. Every dict the toolkit saves records ``tensors_sha256``, the digest of all its tensors'
 bytes, and reading it checks that digest: bytes changed on disk are refused even when the file still parses.
 """
@@ -25,7 +26,7 @@ from torch import nn
 
 from dihkit.foundations.errors import UserError
 from models_repo import build_model
-from models_repo.upstream import from_upstream, is_upstream
+from models_repo.upstream import from_upstream, is_upstream, source_of
 
 FORMAT = "dih-toolkit/1"
 DIGEST_KEY = "tensors_sha256"
@@ -225,8 +226,8 @@ def read_model_file(path, arch: str | None, num_classes: int | None, what: str =
                     dataset: str | None = None) -> tuple[dict, dict]:
     """The state dict and metadata of model file ``path``, refused when its record names another architecture,
     class count or dataset, or when a weight is not finite (``None``: not checked; plain state dicts from
-    other code record nothing, so only their weights are checked here). A RepDistiller/mdistiller state dict
-    is renamed to ``arch``'s layout when ``arch`` is given (``convert_upstream``)."""
+    other code record nothing, so only their weights are checked here). A RepDistiller/mdistiller/torchvision
+    state dict is renamed to ``arch``'s layout when ``arch`` is given (``convert_upstream``)."""
     obj = safe_load(path, what)
     if obj.get("format") == FORMAT:
         if obj.get("kind") != "model":
@@ -248,13 +249,13 @@ def read_model_file(path, arch: str | None, num_classes: int | None, what: str =
     state = strip_module_prefix(state)
     if obj.get("format") != FORMAT and arch is not None and is_upstream(state):
         state = convert_upstream(obj, state, arch, num_classes, f"{what} '{path}'")
-        meta.update(source="RepDistiller/mdistiller", upstream_epoch=obj.get("epoch"))
+        meta.update(source=source_of(arch), upstream_epoch=obj.get("epoch"))
     check_finite(state, what, path)
     return state, meta
 
 
 def convert_upstream(obj: dict, state: dict, arch: str, num_classes: int | None, source: str) -> dict:
-    """A RepDistiller/mdistiller state dict in the registry's ``arch`` layout, checked tensor by tensor
+    """A RepDistiller/mdistiller/torchvision state dict in the registry's ``arch`` layout, checked tensor by tensor
     against the model (names only while the class count is unknown); one notice per file and process."""
     expected = None
     if num_classes is not None:
@@ -265,7 +266,7 @@ def convert_upstream(obj: dict, state: dict, arch: str, num_classes: int | None,
         _CONVERTED.add(source)
         told = "".join(f", {key} {float(obj[key]):g}" for key in ("epoch", "accuracy")
                        if isinstance(obj.get(key), (int, float)) or (torch.is_tensor(obj.get(key)) and obj[key].numel() == 1))
-        print(f"notice: {source} is a RepDistiller/mdistiller {arch} file{told}: its {len(converted)} tensors "
+        print(f"notice: {source} is a {source_of(arch)} {arch} file{told}: its {len(converted)} tensors "
               f"were renamed to this toolkit's layout and checked", file=sys.stderr)
     return converted
 

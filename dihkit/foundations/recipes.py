@@ -3,7 +3,7 @@ the upstream file it comes from (docs/RECIPES.md is generated from these tables 
 
 ``resolve`` turns recipe names, a training type and a teacher/student pair into the values they set; the
 console (``dihkit/console/recipe_flags.py``) fills every flag the user did not give from them. Model names
-are matched as strings, the toolkit's ``res<N>`` as the upstream ``resnet<N>`` (the same networks).
+are matched as strings, the toolkit's CIFAR ``res<N>`` as the upstream ``resnet<N>`` (the same networks).
 """
 import re
 from dataclasses import dataclass, replace
@@ -130,10 +130,55 @@ LS = Recipe("ls", "logit standardisation's runs: KD with CE 0.1, KD 9, base T 2;
 RECIPES = {r.name: r for r in (DIH, CRD, DKD, DIST_CIFAR_RECIPE, DIST_IMAGENET_RECIPE, LS)}
 DEFAULT_RECIPE = "dih"
 
+# ImageNet (docs/IMAGENET.md). The model pairs are the registry's ImageNet networks (torchvision's names and
+# mdistiller's MobileNetV1). A recipe's batch size is one process's: under torchrun give --batch_size divided by
+# the number of processes (mdistiller's 512 is the global batch of its one DataParallel process).
+MDISTILLER_IMAGENET_CFG = "megvii-research/mdistiller configs/imagenet/{r34_r18,r50_mv1}/{kd,dkd}.yaml"
+MDISTILLER_SGD = "megvii-research/mdistiller mdistiller/engine/trainer.py (SGD without nesterov)"
+TORCHDISTILL_KD = ("yoshitomo-matsubara/torchdistill configs/official/ilsvrc2012/yoshitomo-matsubara/rrpr2020/"
+                   "kd-resnet18_from_resnet34.yaml")
+IMAGENET_MILESTONES = Milestones((30, 60, 90), 100)
+
+
+def imagenet_protocol(source: str, batch_size: int, lr: float, nesterov_source: str) -> tuple:
+    """The SGD protocol both ImageNet recipes share (100 epochs, 30/60/90, gamma 0.1, wd 1e-4, momentum 0.9)
+    with their own batch size and lr."""
+    return (Entry("epochs", 100, source), Entry("lr", lr, source), Entry("schedule", IMAGENET_MILESTONES, source),
+            Entry("schedule_gamma", 0.1, source), Entry("batch_size", batch_size, source),
+            Entry("wd", 1e-4, source), Entry("momentum", 0.9, source), Entry("nesterov", False, nesterov_source))
+
+
+MDISTILLER_IMAGENET = Recipe(
+    "mdistiller_imagenet", "mdistiller's ImageNet runs (batch 512, lr 0.2, 100 epochs, 30/60/90, wd 1e-4); KD at T 1 "
+    "with CE 0.5 / KD 0.5; DKD at T 1, warm-up 1 epoch, beta 0.5 (resnet34->resnet18) or 2 (resnet50->mobilenet_v1)",
+    imagenet_protocol(MDISTILLER_IMAGENET_CFG, 512, 0.2, MDISTILLER_SGD) + (
+        Entry("ce_weight", 0.5, f"{MDISTILLER_IMAGENET_CFG} (KD.LOSS.CE_WEIGHT)", types=("kd",)),
+        Entry("kd_weight", 0.5, f"{MDISTILLER_IMAGENET_CFG} (KD.LOSS.KD_WEIGHT)", types=("kd",)),
+        Entry("kd_temperature", 1.0, f"{MDISTILLER_IMAGENET_CFG} (KD.TEMPERATURE, DKD.T)", types=("kd", "dkd")),
+        Entry("dkd_warmup", 1, f"{MDISTILLER_IMAGENET_CFG} (DKD.WARMUP)", types=("dkd",)),
+        Entry("dkd_beta", 0.5, "megvii-research/mdistiller configs/imagenet/r34_r18/dkd.yaml (DKD.BETA)",
+              types=("dkd",), pairs=(("resnet34", "resnet18"),)),
+        Entry("dkd_beta", 2.0, "megvii-research/mdistiller configs/imagenet/r50_mv1/dkd.yaml (DKD.BETA)",
+              types=("dkd",), pairs=(("resnet50", "mobilenet_v1"),)),
+    ))
+
+TORCHDISTILL_IMAGENET = Recipe(
+    "torchdistill_imagenet", "torchdistill's ImageNet KD resnet34->resnet18 (batch 256, lr 0.1, 100 epochs, "
+    "30/60/90, wd 1e-4; T 1, CE 0.5 / KD 0.5)",
+    imagenet_protocol(TORCHDISTILL_KD, 256, 0.1, f"{TORCHDISTILL_KD} (SGD, no nesterov)") + (
+        Entry("ce_weight", 0.5, f"{TORCHDISTILL_KD} (KDLoss alpha 0.5 weights CE)", types=("kd",)),
+        Entry("kd_weight", 0.5, f"{TORCHDISTILL_KD} (KDLoss 1 - alpha weights T^2 KL)", types=("kd",)),
+        Entry("kd_temperature", 1.0, f"{TORCHDISTILL_KD} (KDLoss temperature)", types=("kd",)),
+    ))
+
+RECIPES.update({r.name: r for r in (MDISTILLER_IMAGENET, TORCHDISTILL_IMAGENET)})
+
 
 def upstream_name(model: str | None) -> str | None:
-    """The upstream spelling of a model name: the toolkit's ``res110`` is ``resnet110``; others unchanged."""
-    return re.sub(r"^res(\d+)$", r"resnet\1", model) if model else model
+    """The upstream spelling of a model name: the toolkit's CIFAR ``res110`` is ``resnet110`` (depths 6n+2);
+    others unchanged (``res18`` is not torchvision's ``resnet18``)."""
+    found = re.fullmatch(r"res(\d+)", model or "")
+    return f"resnet{found[1]}" if found and (int(found[1]) - 2) % 6 == 0 else model
 
 
 def resolve(names, training_type: str, teacher: str | None, student: str | None, val_size: int = 0) -> dict:
