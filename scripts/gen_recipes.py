@@ -55,7 +55,10 @@ changes (LS's DKD runs keep it too).
 
 
 def _cell(value) -> str:
-    """A table cell: lists joined by spaces, the column separator escaped."""
+    """A table cell: lists joined by spaces (an empty one: the flag given without a value), the column
+    separator escaped."""
+    if isinstance(value, list) and not value:
+        return "(no value)"
     if isinstance(value, (tuple, list)):
         value = ", ".join("->".join(v) if isinstance(v, tuple) else str(v) for v in value)
     return str(value).replace("|", "\\|")

@@ -174,6 +174,8 @@ def test_dih_code_recipe_is_the_authors_code_after_hyperparameters_tuning():
     assert (args.wd, args.momentum, args.nesterov, args.crop_padding, args.normalization) == (5e-4, 0.9, True,
                                                                                              "reflect", "dih")
     assert parsed("--training_type", "ce", "--recipe", "dih_code").schedule == [60, 120, 180]
+    # --schedule_fitnets_1 60 120 180 lies past stage 1's 40 epochs there: a constant lr (the flag without a value).
+    assert parsed("--training_type", "fitnets", "--recipe", "dih_code").schedule_fitnets_1 == []
     readme = parsed("--training_type", "dih")  # the README's values stay the default recipe
     assert (readme.epochs, readme.batch_size, readme.lr, readme.crop_padding) == (200, 64, 0.1, "zeros")
 

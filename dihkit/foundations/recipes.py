@@ -95,6 +95,8 @@ DIH_CODE = Recipe("dih_code", "the DIH authors' code's values after their README
     Entry("crop_padding", "reflect", "DIH authors' dataload.py after the same commit: RandomCrop(32, padding=4, "
           "padding_mode='reflect')"),
     Entry("normalization", "dih", DIH_DATALOAD),
+    Entry("schedule_fitnets_1", [], f"{DIH_CODE_SOURCE}: --schedule_fitnets_1 60 120 180, past stage 1's 40 "
+          "epochs: its lr never decays", types=("fitnets",)),
     Entry("head_selection", "lowest_val_loss", DIH_HEADS, types=("fine_tune",), val_only=True),
 ))
 
