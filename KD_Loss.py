@@ -60,32 +60,29 @@ def hint_loss(student_map: torch.Tensor, teacher_hint: torch.Tensor) -> torch.Te
     return F.mse_loss(pool_to(student_map.float(), size), pool_to(teacher_hint.float(), size))
 
 
-def attention_map(feat: torch.Tensor, p: float = 2.0, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Attention transfer's map of a feature map F (N, C, H, W): ``mean_c |F_c|^p``, flattened, L2-normalised.
-
-    With ``size`` the (N, H, W) map is adaptively average-pooled to that size before flattening, so
-    maps of different resolutions can be compared.
-    """
-    a = feat.float().abs().pow(p).mean(dim=1, keepdim=True)
-    if size is not None:
-        a = pool_to(a, size)
-    return F.normalize(a.flatten(1), dim=1)
+def attention_map(feat: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Attention transfer's map of a feature map F (N, C, H, W): ``mean_c |F_c|^p``, flattened, L2-normalised."""
+    return F.normalize(feat.float().abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
 def at_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], beta: float,
             p: float = 2.0) -> torch.Tensor:
-    """``beta / 2 * sum over paired maps of mean((a(F_s) - a(F_t))^2)`` (the mean runs over batch and positions).
+    """``beta * sum over paired maps of mean((a(F_s) - a(F_t))^2)`` (the mean runs over batch and positions).
 
-    The i-th student map is paired with the i-th teacher map; a pair of different resolutions is
-    compared at the smaller one.
+    The i-th student map is paired with the i-th teacher map. Of a pair of different resolutions the larger
+    *feature map* is adaptively average-pooled to the smaller size before its attention map is taken.
+    This is RepDistiller's ``distiller_zoo/AT.py`` (also shipped in the DIH authors' repository; mdistiller
+    computes the same) and, for maps of one size, Zagoruyko and Komodakis's own code (``beta * sum``); their
+    ``|F|^p`` is ``F^p`` there, the same at the p = 2 everyone uses.
     """
     if len(student_feats) != len(teacher_feats):
         raise ValueError(f"attention transfer pairs maps one to one, got {len(student_feats)} and {len(teacher_feats)}")
     total = student_feats[0].new_zeros((), dtype=torch.float32)
     for s, t in zip(student_feats, teacher_feats):
         size = smaller_size(s, t)
-        total = total + (attention_map(s, p, size) - attention_map(t, p, size)).pow(2).mean()
-    return beta / 2 * total
+        a_s, a_t = attention_map(pool_to(s.float(), size), p), attention_map(pool_to(t.float(), size), p)
+        total = total + (a_s - a_t).pow(2).mean()
+    return beta * total
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ the data a run used; the work itself lives in modules named after what they hold
 - ``data_sources``: CIFAR-10/100, Tiny-ImageNet (with its download) and image-folder trees;
 - ``decode_cache``: decoding image files, and the optional cache of the decoded arrays;
 - ``synthetic_data``: the generated ``synthetic`` dataset;
-- ``batches``: normalisation, augmentation and the training / evaluation batch iterators.
+- ``batches``: normalisation, augmentation and the training / evaluation batch iterators;
+- ``normalization``: the published mean/std tables ``--normalization`` chooses from.
 
 Every name callers use is importable from here (``dataload.train_batches``, ``dataload.Split``, ...).
 """
@@ -21,16 +22,17 @@ import os
 
 import torch
 
-from dihkit.sources.batches import PAD, augment_batch, draw_augment_params, eval_batches, normalize, train_batches
+from dihkit.sources.batches import PAD, PADDINGS, augment_batch, draw_augment_params, eval_batches, normalize, train_batches
 from dihkit.sources.data_sources import CIFAR, cifar_info, load_cifar, load_imagefolder, load_tiny_imagenet, tiny_imagenet_info
 from dihkit.sources.data_types import DataBundle, DatasetInfo, Split
 from dihkit.sources.decode_cache import default_cache_dir
+from dihkit.sources.normalization import NORMALIZATIONS, normalized
 from dihkit.foundations.errors import UserError
 from dihkit.sources.synthetic_data import load_synthetic, synthetic_info
 
 __all__ = [
-    "DATASET_NAMES", "PAD", "DataBundle", "DatasetInfo", "Split", "augment_batch", "data_fingerprint",
-    "default_cache_dir", "draw_augment_params", "eval_batches", "known_info", "load_data", "normalize",
+    "DATASET_NAMES", "NORMALIZATIONS", "PAD", "PADDINGS", "DataBundle", "DatasetInfo", "Split", "augment_batch", "data_fingerprint",
+    "default_cache_dir", "draw_augment_params", "eval_batches", "known_info", "load_data", "normalize", "normalized",
     "train_batches",
 ]
 

@@ -65,7 +65,7 @@ def load_data(cfg: Settings, data_cache: dict | None) -> dataload.DataBundle:
                                   cache_dir=d.cache_dir)
         if data_cache is not None:
             data_cache[key] = data
-    return data
+    return replace(data, info=dataload.normalized(data.info, d.normalization))
 
 
 def run(argv=None, data_cache: dict | None = None) -> int:
@@ -87,6 +87,8 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     cfg = replace(cfg, run=resolve_speed(cfg.run, device))
     if dist.is_main:
         print(f"precision: {cfg.run.speed_reason}", flush=True)
+        if cfg.run.amp and cfg.run.eval_precision == "fp32":
+            print("evaluation: float32 (--eval_precision bf16 evaluates in bfloat16)", flush=True)
     t = REGISTRY.get(cfg.training_type)
     if args.summary:
         trains_teacher = t is None or t.trains == "teacher"

@@ -1,6 +1,6 @@
 """Tables and plots from result files, as papers report them.
 
-    python3 report.py RUN_FOLDER [RUN_FOLDER ...] [--out PATH] [--plots] [--against ROW]
+    python3 report.py RUN_FOLDER [RUN_FOLDER ...] [--out PATH] [--plots] [--against ROW] [--epoch last|best]
 
 Reads every result file (the ``*.json`` the training loop writes) under the folders, recursively, prints
 the table as Markdown and writes ``<out>.md`` and ``<out>.csv`` (default ``<first folder>/report``); with
@@ -23,8 +23,10 @@ The rules, stated again under every table:
   training flags differ (``config_keys``: the flags that change what the method trains) are separate rows,
   labelled with those flags;
 - a cell is the mean and sample standard deviation of test top-1 over the complete runs, with their
-  number n; incomplete runs (a checkpoint without a complete result, or ``complete: false``) are listed
-  under the table and never averaged.
+  number n, at the epoch ``--epoch`` selects: ``last`` (default) or ``best``, each run's highest test top-1
+  over its epochs (selected on the test set, as mdistiller and logit standardisation report); every table,
+  plot and CSV line names its selection; incomplete runs (a checkpoint without a complete result, or
+  ``complete: false``) are listed under the table and never averaged.
 """
 import argparse
 import csv
@@ -37,8 +39,8 @@ from pathlib import Path
 from dihkit.files.checkpoints import safe_load
 from dihkit.foundations.errors import UserError
 from dihkit.foundations.flags import HelpFormatter, Parser
-from dihkit.results.report_model import (MANIFEST_KIND, PROTOCOL, SELECTIONS, Cell, Incomplete, Pair, Result, Row, Table,
-                          format_cell, row_title, summary)
+from dihkit.results.report_model import (EPOCHS, MANIFEST_KIND, PROTOCOL, SELECTIONS, Cell, Incomplete, Pair, Result,
+                                         Row, Table, format_cell, row_title, summary)
 from dihkit.results.report_compare import comparison_lines
 from dihkit.results.report_plots import write_plots
 from dihkit.foundations.registry import REGISTRY
@@ -112,22 +114,22 @@ def collect(folders) -> tuple:
 # ----------------------------------------------------------------------------- the table
 
 def own_entries(pair: Pair, results: list):
-    """(row kind, head index, result, last, best) for every complete final record belonging to ``pair``."""
+    """(row kind, head index, result, figures by selection) for every complete final record belonging to ``pair``."""
     for r in results:
         if not r.is_final or r.dataset != pair.dataset:
             continue
         t = REGISTRY.get(r.training_type)
         if t is not None and t.trains == "teacher" and not t.output_is_dir:
             if r.arch == pair.teacher:
-                yield "teacher", 0, r, r.record["test_top1"], r.best()
+                yield "teacher", 0, r, r.figures(r.record["test_top1"])
             if r.arch == pair.student:
-                yield r.training_type, 0, r, r.record["test_top1"], r.best()
+                yield r.training_type, 0, r, r.figures(r.record["test_top1"])
         elif t is not None and t.output_is_dir:
             if r.arg("teacher") == pair.teacher:
                 for name, metrics in r.record["final_test"].items():
-                    yield "head", int(name.rsplit("_", 1)[1]), r, metrics["top1"], r.best(name)
+                    yield "head", int(name.rsplit("_", 1)[1]), r, r.figures(metrics["top1"], name)
         elif r.pair() == pair:
-            yield r.training_type, 0, r, r.record["test_top1"], r.best()
+            yield r.training_type, 0, r, r.figures(r.record["test_top1"])
 
 
 def frozen_entries(pair: Pair, results: list, kinds: set):
@@ -156,8 +158,8 @@ def differing_flags(configs: list) -> dict:
             for c, v in zip(configs, values)}
 
 
-def build_table(folders) -> Table:
-    """Read the folders and assign every complete record to its cell."""
+def build_table(folders, epoch: str = "last") -> Table:
+    """Read the folders and assign every complete record to its cell; ``epoch``: ``--epoch`` (``EPOCHS``)."""
     results, incomplete, declared, unreadable = collect(folders)
     if not results and not incomplete:
         raise UserError(f"no result files under {', '.join(map(str, folders))}")
@@ -168,33 +170,33 @@ def build_table(folders) -> Table:
         grouped = defaultdict(list)
         # Runs whose objectives have different titles (dih, dih +LS, DIH[DKD]) are rows of their own; only
         # the flags that differ among runs of one title label their rows.
-        for kind, index, r, last, best in own_entries(pair, results):
-            grouped[(kind, index, row_title(r) if kind != "head" else "")].append((r, last, best))
+        for kind, index, r, figures in own_entries(pair, results):
+            grouped[(kind, index, row_title(r) if kind != "head" else "")].append((r, figures))
         for (kind, index, title), entries in grouped.items():
-            labels = differing_flags(list(dict.fromkeys(r.config() for r, _, _ in entries)))
-            for r, last, best in entries:
+            labels = differing_flags(list(dict.fromkeys(r.config() for r, _ in entries)))
+            for r, figures in entries:
                 row = Row(kind, index, flags=labels[r.config()], title=title)
-                cells.setdefault((row, pair), Cell()).add(
-                    r.record.get("seed"), last, best, r)
+                cells.setdefault((row, pair), Cell()).add(r.record.get("seed"), figures, r)
                 used.add(r.path)
         missing = {k for k in ("teacher", "head") if not any(key[0] == k for key in grouped)}
         for kind, index, last in frozen_entries(pair, results, missing):
-            cells.setdefault((Row(kind, index, frozen=True), pair), Cell()).add(None, last, None)
+            # A frozen checkpoint was measured once: its figure stands for either epoch selection.
+            cells.setdefault((Row(kind, index, frozen=True), pair), Cell()).add(None, {"last": last, "best_test": last})
     intermediate = Counter(r.phase for r in results if not r.is_final)
     unused = [r for r in results if r.is_final and r.path not in used]
-    return Table(pairs, cells, incomplete, intermediate, unused, unreadable)
+    return Table(pairs, cells, incomplete, intermediate, unused, unreadable, epoch)
 
 
 # ----------------------------------------------------------------------------- output
 
 def markdown(table: Table) -> str:
-    """The tables (last epoch; best-validation epoch where any run has it), the protocol and the lists."""
+    """The tables (``--epoch``'s selection; best-validation epoch where any run has it), the protocol and the lists."""
     rows, pairs = table.rows(), table.pairs
     out = ["# Results", ""]
-    for selection, title in SELECTIONS:
+    for selection in EPOCHS[table.epoch]:
         if not any(cell.values(selection) for cell in table.cells.values()):
             continue
-        out += [f"## Test top-1 (%), {title}", "", "| | " + " | ".join(p.title() for p in pairs) + " |",
+        out += [f"## Test top-1 (%), {SELECTIONS[selection]}", "", "| | " + " | ".join(p.title() for p in pairs) + " |",
                 "|---|" + "---|" * len(pairs)]
         for row in rows:
             cells = [format_cell(table.cells[(row, p)].values(selection)) if (row, p) in table.cells else ""
@@ -221,6 +223,10 @@ def markdown(table: Table) -> str:
     return "\n".join(out) + "\n"
 
 
+# The CSV's name of each selection.
+CSV_SELECTIONS = {"last": "last_epoch", "best_val": "best_val", "best_test": "best_test_selected_on_test"}
+
+
 def csv_text(table: Table) -> str:
     """One line per (column, row, selection) with runs: mean, sample std, n, seeds and each run's value."""
     buffer = io.StringIO()
@@ -229,23 +235,23 @@ def csv_text(table: Table) -> str:
     for pair in table.pairs:
         for row in table.rows():
             cell = table.cells.get((row, pair))
-            for selection, _ in SELECTIONS:
+            for selection in EPOCHS[table.epoch]:
                 values = cell.values(selection) if cell else []
                 if not values:
                     continue
                 mean, std, n = summary(values)
                 seeds = " ".join(map(str, cell.seeds(selection)))
                 writer.writerow([pair.dataset, pair.teacher, pair.student, row.label,
-                                 "last_epoch" if selection == "last" else "best_val", f"{mean:.4f}",
+                                 CSV_SELECTIONS[selection], f"{mean:.4f}",
                                  "" if std is None else f"{std:.4f}", n, seeds, " ".join(f"{v:.4f}" for v in values)])
     return buffer.getvalue()
 
 
-def write_report(folders, out: Path, plots: bool = False, against: str | None = None) -> str:
+def write_report(folders, out: Path, plots: bool = False, against: str | None = None, epoch: str = "last") -> str:
     """Build the table from ``folders``, write ``<out>.md``, ``<out>.csv`` (and plots); return the Markdown.
     ``against``: a row label or a training type; the Markdown then ends with each method's difference from
-    that row."""
-    table = build_table(folders)
+    that row. ``epoch``: which epoch's test top-1 (``EPOCHS``)."""
+    table = build_table(folders, epoch)
     text = markdown(table) + ("\n".join(["", *comparison_lines(table, against)]) if against else "")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -264,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folders", nargs="+", metavar="RUN_FOLDER", help="folders searched recursively for result files")
     p.add_argument("--out", default=None, help="output path without extension (default: <first RUN_FOLDER>/report)")
     p.add_argument("--plots", action="store_true", help="also write the per-epoch and by-depth plots as PNG")
+    p.add_argument("--epoch", default="last", choices=list(EPOCHS),
+                   help="which epoch's test top-1 the tables, plots and comparisons show: last (the model every run "
+                        "writes; RepDistiller's tables) or best (each run's highest test top-1 over its epochs, as "
+                        "mdistiller's and logit standardisation's tables report: selected on the test set); the "
+                        "best-validation table (runs with --val_size) follows either")
     p.add_argument("--against", metavar="ROW", default=None,
                    help="also list each method's difference from the row labelled ROW, or from the row of training "
                         "type ROW (e.g. kd; ce: the student alone), and whether it exceeds the spread across seeds")
@@ -275,7 +286,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out) if args.out else Path(args.folders[0]) / "report"
     try:
-        print(write_report(args.folders, out, args.plots, args.against))
+        print(write_report(args.folders, out, args.plots, args.against, args.epoch))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

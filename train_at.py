@@ -1,9 +1,11 @@
 """Attention transfer (Zagoruyko & Komodakis 2017) on the stage outputs, with an optional KD term.
 
-Loss: ``(1 - a) * CE + a * T^2 * KL + beta/2 * sum_i mean((a(F_s,i) - a(F_t,i))^2)`` with ``a`` =
+Loss: ``(1 - a) * CE + a * T^2 * KL + beta * sum_i mean((a(F_s,i) - a(F_t,i))^2)`` with ``a`` =
 ``--at_kd_alpha`` (default 0: plain AT, CE + attention term), T = ``--kd_temperature`` and beta =
-``--at_beta``. Stage i of the student is paired with stage i of the teacher, so both must have the same
-number of stages.
+``--at_beta`` (1000, RepDistiller's run_cifar_distill.sh). The attention term is RepDistiller's AT.py, which
+the DIH authors ship too (``KD_Loss.at_loss``: of two maps of different sizes the larger feature map is pooled
+first). Stage i of the student is paired with stage i of the teacher, so both must have the same number of
+stages; the stages' outputs are RepDistiller's feature points (``feat[1:-1]``) on every benchmark model.
 """
 from dataclasses import dataclass
 
@@ -29,7 +31,8 @@ class ATSettings:
 
 FLAGS = (
     flag("--at_beta", type=float, default=1000.0, range=Range(0),
-         help="weight beta of the attention term (beta/2 * sum)"),
+         help="weight beta of the attention term (beta * sum over the stages, as RepDistiller's and the DIH "
+              "authors' AT.py and Zagoruyko's code compute it)"),
     flag("--at_p", type=float, default=2.0, range=Range(0, lo_open=True),
          help="exponent p of the attention map mean_c |F|^p"),
     flag("--at_kd_alpha", type=float, default=0.0, range=Range(0, 1),

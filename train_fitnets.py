@@ -1,14 +1,21 @@
-"""FitNets (Romero et al. 2015) in two stages: hint regression on the student's lower part, then KD.
+"""FitNets (Romero et al. 2015) in two stages: hint regression on the student's lower part, then KD; or, with
+``--fitnets_stages 1``, RepDistiller's one-stage FitNet.
 
 Stage 1 trains the student's stem and stages up to the guided layer (plus a regressor when the maps'
 shapes differ) to regress the teacher's hint layer with an L2 loss; the rest of the student is never
 run in training and keeps its initial weights and batch-norm statistics. Stage 2 is the run's KD on the
 whole student, initialised from the stage-1 model.
+
+The one-stage form is what RepDistiller's ``--distill hint -a 0 -b 100`` trains (the FitNet row of its table
+and mdistiller's): the whole student with ``CE + --hint_weight * MSE(r(F_s), F_t)`` at the hint layer, ``r``
+its ConvReg regressor (``repdistiller_regressor``), in one phase. Either form writes its final student to
+``<stem>_final.pth``.
 """
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dihkit.files.checkpoints import load_model_file
@@ -56,6 +63,8 @@ class FitNetsSettings:
     schedule_gamma_fitnets_1: float
     hint_layer: int | None
     guided_layer: int | None
+    fitnets_stages: int
+    hint_weight: float
 
 
 FLAGS = (
@@ -74,6 +83,11 @@ FLAGS = (
          help="0-based teacher stage giving the hint (default: the middle stage, (k-1)//2)"),
     flag("--guided_layer", type=int, default=None, range=Range(0),
          help="0-based student stage regressing the hint (default: the middle stage, (k-1)//2)"),
+    flag("--fitnets_stages", type=int, default=2, choices=[1, 2], range=Range(1, 2),
+         help="2: the seed's FitNets (stage 1 hint regression, stage 2 KD); 1: RepDistiller's one-stage FitNet, "
+              "CE + --hint_weight x hint loss through its ConvReg regressor (--recipe crd)"),
+    flag("--hint_weight", type=float, default=100.0, range=Range(0),
+         help="weight of the hint loss in the one-stage form (RepDistiller's -b 100); unused with 2 stages"),
 )
 
 
@@ -101,6 +115,24 @@ def build_regressor(student_shape: tuple, teacher_shape: tuple) -> nn.Module:
         return nn.Identity()
     cin, cout = student_shape[0], teacher_shape[0]
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
+
+
+def repdistiller_regressor(student_shape: tuple, teacher_shape: tuple) -> nn.Module:
+    """RepDistiller's ConvReg from a student map (C, H, W) to the teacher's: a 3x3 stride-2 convolution for a map
+    twice as large, a 4x4 stride-2 transposed convolution for one half as large, else a convolution whose kernel
+    spans the size difference (1x1 for equal sizes); then batch norm and ReLU. Other sizes are refused."""
+    (s_c, s_h, s_w), (t_c, t_h, t_w) = student_shape, teacher_shape
+    if s_h == 2 * t_h:
+        conv = nn.Conv2d(s_c, t_c, 3, stride=2, padding=1)
+    elif 2 * s_h == t_h:
+        conv = nn.ConvTranspose2d(s_c, t_c, 4, stride=2, padding=1)
+    elif s_h >= t_h:
+        conv = nn.Conv2d(s_c, t_c, (1 + s_h - t_h, 1 + s_w - t_w))
+    else:
+        raise UserError(f"RepDistiller's FitNet regressor maps a student map of {s_h}x{s_w} to the teacher's "
+                        f"{t_h}x{t_w} only when it is larger or half as large; choose another --hint_layer or "
+                        f"--guided_layer")
+    return nn.Sequential(conv, nn.BatchNorm2d(t_c), nn.ReLU(inplace=True))
 
 
 def final_output(out: Path) -> Path:
@@ -139,13 +171,59 @@ class HintTraining(StudentMethod):
         return loss, logits
 
 
-def train_fitnets(ctx: RunContext) -> dict:
-    """Stage 1 (hint) to ``--path_to_save``, stage 2 (KD) to ``<stem>_final``."""
-    models, info, s = ctx.cfg.models, ctx.info, ctx.cfg.method
-    cfg1 = stage1_config(s)
+class OneStageFitNet(StudentMethod):
+    """RepDistiller's FitNet: the whole student with CE plus ``weight`` times the regressed guided map's MSE
+    against the teacher's hint map."""
+
+    def __init__(self, student: nn.Module, meta: dict, teacher: nn.Module, regressor: nn.Module, hint: int,
+                 guided: int, weight: float):
+        super().__init__(student, meta)
+        self.cohort = Cohort(teacher)
+        self.regressor = regressor
+        self.hint, self.guided, self.weight = hint, guided, weight
+
+    def forward(self, x, y, idx):
+        """CE on the logits plus the weighted hint loss."""
+        _, teacher_feats, _ = self.cohort.features(x)
+        logits, feats, _ = self.student(x, features=True)
+        hint = hint_loss(self.regressor(feats[self.guided]), teacher_feats[self.hint])
+        return F.cross_entropy(logits.float(), y) + self.weight * hint, logits
+
+
+def fitnets_layers(ctx: RunContext) -> tuple[int, int]:
+    """The teacher's hint stage and the student's guided stage, refused when a model lacks them."""
+    models, s = ctx.cfg.models, ctx.cfg.method
     k_teacher, k_student = skeleton(ctx, models.teacher).num_stages, skeleton(ctx, models.student).num_stages
-    hint = resolve_layer("--hint_layer", s.hint_layer, models.teacher, k_teacher)
-    guided = resolve_layer("--guided_layer", s.guided_layer, models.student, k_student)
+    return (resolve_layer("--hint_layer", s.hint_layer, models.teacher, k_teacher),
+            resolve_layer("--guided_layer", s.guided_layer, models.student, k_student))
+
+
+def train_one_stage(ctx: RunContext) -> dict:
+    """RepDistiller's one-stage FitNet, to ``<stem>_final``."""
+    models, s = ctx.cfg.models, ctx.cfg.method
+    hint, guided = fitnets_layers(ctx)
+    teacher = load_teacher(ctx)
+    paths = RunPaths.for_output(final_output(ctx.out))
+    done, = claim_outputs(ctx, [paths])
+    student = new_model(ctx, models.student)
+    t_shape = mount_shapes(teacher, ctx.info.image_size)[hint]
+    s_shape = mount_shapes(student, ctx.info.image_size)[guided]
+    regressor = repdistiller_regressor(s_shape, t_shape).to(ctx.device)
+    ctx.say(f"[fitnets] one stage: CE + {s.hint_weight:g} x hint; {models.teacher} stage {hint} {t_shape} <- "
+            f"{models.student} stage {guided} {s_shape} through ConvReg ({count_parameters(regressor):,} parameters)")
+    meta = model_meta(ctx, models.student, teacher=models.teacher, fitnets_stages=1, hint_layer=hint,
+                      guided_layer=guided, hint_weight=s.hint_weight, regressor_parameters=count_parameters(regressor))
+    method = OneStageFitNet(student, meta, teacher, regressor, hint, guided, s.hint_weight)
+    return run_phase(method, ctx, paths, ctx.cfg.optim, "fitnets", meta, done)
+
+
+def train_fitnets(ctx: RunContext) -> dict:
+    """Stage 1 (hint) to ``--path_to_save``, stage 2 (KD) to ``<stem>_final``; one stage: ``train_one_stage``."""
+    models, info, s = ctx.cfg.models, ctx.info, ctx.cfg.method
+    if s.fitnets_stages == 1:
+        return train_one_stage(ctx)
+    cfg1 = stage1_config(s)
+    hint, guided = fitnets_layers(ctx)
     teacher = load_teacher(ctx)
     stage1, stage2 = RunPaths.for_output(ctx.out), RunPaths.for_output(final_output(ctx.out))
     done1, done2 = claim_outputs(ctx, [stage1, stage2])
@@ -178,10 +256,21 @@ def bench_fitnets(parts) -> HintTraining:
     return HintTraining(student, {}, teacher, regressor, hint, guided)
 
 
+def fitnets_outputs(out: Path, flags) -> list:
+    """Stage 1's model and the final student; the one-stage form writes the final student only."""
+    final = [(final_output(out), False)]
+    return final if flags.get("fitnets_stages") == 1 else [(Path(out), False)] + final
+
+
+def fitnets_label(flags) -> str:
+    """``fitnets``, or RepDistiller's one-stage form with its hint weight."""
+    return f"FitNet (one stage, hint {flags.get('hint_weight'):g})" if flags.get("fitnets_stages") == 1 else "fitnets"
+
+
 TRAINING_TYPE = TrainingType(
     name="fitnets", run=train_fitnets, flags=FLAGS, settings=FitNetsSettings, needs=frozenset({"teacher"}),
     depends_on=STUDENT_KEYS + WEIGHT_KEYS + tuple(f.dest for f in FLAGS), report_order=30,
-    outputs=lambda out, flags: [(Path(out), False), (final_output(out), False)],
-    final_output=final_output, final_phase="fitnets_2", bench=bench_fitnets,
+    outputs=fitnets_outputs, label=fitnets_label, final_output=final_output, final_phase="fitnets_2",
+    also_final=("fitnets",), bench=bench_fitnets,
     description="FitNets stage 1 (hint regression); stage 2 is KD with the main and distillation flags",
     summary="FitNets: stage 1 regresses the teacher's hint layer, stage 2 is KD (final student in <stem>_final)")

@@ -257,8 +257,7 @@ class Trainer:
                          "best_val": self.record["best_val"], "nan_skipped": self.record["nan_skipped"],
                          "partial_sums": sums, "elapsed": self.elapsed_before + time.time() - self.t0,
                          "seed": self.ctx.seed, "cohort": self.cohort_id, "data": self.data_id,
-                         "args": dict(self.ctx.cfg.flags)},
-                        self.paths.state)
+                         "args": dict(self.ctx.cfg.flags)}, self.paths.state)
         # No rank may exit before the checkpoint is whole: torchrun stops the others when one exits.
         self.dist.barrier()
 
@@ -297,7 +296,8 @@ class Trainer:
         lr = self.opt.param_groups[0]["lr"]
         self.method.train()
         batches = dataload.train_batches(ctx.data.train, ctx.info, data.batch_size, self.device, self.generator,
-                                         data.data_path, data.num_workers, dist.rank, dist.world_size)
+                                         data.data_path, data.num_workers, dist.rank, dist.world_size,
+                                         data.crop_padding)
         total = num_train_batches(len(ctx.data.train), data.batch_size, dist.world_size)
         with EpochProgress(f"{self.phase} {epoch + 1}/{self.cfg.epochs}", total, skip, dist.is_main,
                            dist.world_size) as progress:

@@ -30,7 +30,9 @@ WRN = [(r"conv1\.", "stem."), (r"bn1\.", "tail.0."),
 # resnetv2 (ResNet18/34/50) and the ShuffleNets: ``conv1``/``bn1`` stem, ``layer<k>``, ``linear``.
 LAYERED = [(r"conv1\.", "stem.0."), (r"bn1\.", "stem.1."), (r"layer([1-4])\.", stage), (r"linear\.", "fc.")]
 SHUFFLE_V2 = LAYERED + [(r"conv2\.", "tail.0."), (r"bn2\.", "tail.1.")]
-VGG = [(r"block([0-3])\.", r"stages.\1."), (r"block4\.", "tail."), (r"classifier\.", "fc.")]
+BENCHMARK_VGGS = ("vgg8", "vgg11_crd", "vgg13", "vgg16", "vgg19")
+# VGG: block 0 is the stem, blocks 1-4 the stages (models_repo/vgg.py), their layers numbered alike.
+VGG = [(r"block0\.", "stem."), (r"block([1-4])\.", stage), (r"classifier\.", "fc.")]
 # MobileNetV2's seven block groups, two to a mount point but the second (models_repo/mobilenetv2.py).
 MOBILE_GROUP = {"0": "0.0", "1": "0.1", "2": "1.0", "3": "2.0", "4": "2.1", "5": "3.0", "6": "3.1"}
 MOBILENET = [(r"conv1\.", "stem."), (r"blocks\.([0-6])\.", lambda m: f"stages.{MOBILE_GROUP[m[1]]}."),
@@ -60,7 +62,7 @@ RULES = {
     **{f"resnet{d}": RESNET for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": RESNET, "resnet32x4": RESNET,
     **{name: WRN for name in ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn-28-2")},
-    **{name: VGG for name in ("vgg8", "vgg11_crd", "vgg13", "vgg16", "vgg19")},
+    **{name: VGG for name in BENCHMARK_VGGS},
     "res18": LAYERED, "res34": LAYERED, "ResNet50": LAYERED, "ShuffleV1": LAYERED,
     "ShuffleV2": SHUFFLE_V2, "MobileNetV2": MOBILENET,
     "resnet18": TORCHVISION_RESNET, "resnet34": TORCHVISION_RESNET, "resnet50": TORCHVISION_RESNET,
@@ -76,6 +78,12 @@ def source_of(arch: str) -> str:
     return SOURCES.get(arch, "RepDistiller/mdistiller")
 
 
+# The toolkit's own layout of the RepDistiller VGGs before their mount points became RepDistiller's feature
+# points: the same network, its first block then counted as stage 0 and its fifth as the tail.
+EARLIER_VGG = [(r"stages\.0\.", "stem."), (r"stages\.([1-3])\.", stage),
+               (r"tail\.", "stages.3."), (r"fc\.", "fc.")]
+# A batch norm's step counter: files of PyTorch before 0.4.1 lack it, and torch's load_state_dict accepts that.
+BATCH_COUNTER = "num_batches_tracked"
 # Top-level names only this toolkit's models use (every one has ``stages.``; upstream files share ``fc.``).
 OWN_PREFIXES = ("stem.", "stages.", "tail.")
 
@@ -84,6 +92,16 @@ def is_upstream(state: dict) -> bool:
     """Whether a state dict names none of its tensors as this toolkit's models do (stem/stages/tail): a
     file of other code, which the rules may map; a file with some such names is checked as it is."""
     return bool(state) and not any(k.startswith(OWN_PREFIXES) for k in state)
+
+
+def in_earlier_layout(state: dict, arch: str | None) -> bool:
+    """Whether ``state`` holds a RepDistiller VGG in this toolkit's earlier layout (its fifth block a tail)."""
+    return arch in BENCHMARK_VGGS and any(k.startswith("tail.") for k in state)
+
+
+def from_earlier_layout(state: dict) -> dict:
+    """A benchmark VGG's tensors renamed from the earlier layout (``in_earlier_layout``), in order."""
+    return {rename(k, EARLIER_VGG) or k: v for k, v in state.items()}
 
 
 def rename(key: str, rules) -> str | None:
@@ -124,7 +142,7 @@ def from_upstream(state: dict, arch: str, expected: dict | None, source: str) ->
             raise UserError(f"{source} does not hold a {source_code} {arch}: key '{key}' has shape "
                             f"{shape_text(value)}, a {arch} needs {tuple(expected[new])}")
         out[new] = value
-    missing = [k for k in (expected or {}) if k not in out]
+    missing = [k for k in (expected or {}) if k not in out and not k.endswith(BATCH_COUNTER)]
     if missing:
         raise UserError(f"{source} does not hold a {source_code} {arch}: it lacks the tensor this "
                         f"toolkit names '{missing[0]}'")

@@ -27,27 +27,66 @@ pairs its row names (empty: all); the toolkit's `res<N>` matches the upstream `r
 networks). Milestones are stated for the recipe's epochs and scaled to `--epochs` (exact at the recipe's).
 `--kd_alpha` given keeps a recipe's `--ce_weight`/`--kd_weight` out. Each run records the recipe, every
 value it set with its source (`recipe_values` in the result file's `args`) and the flags given
-(`explicit_flags`). Why these values: docs/LOGIT_METHODS.md and /work/shared/REFERENCE.md sections 2, 6, 6b.
+(`explicit_flags`). Why these values: docs/LOGIT_METHODS.md and /work/shared/REFERENCE.md sections 2, 6, 6b, 6c.
+Values that apply to the same runs and come from the same source share a row.
+
+## Where the seed's forms and the published runs differ
+
+`dih` keeps the seed's (the DIH paper's) forms; `crd`, `dih_code` and `ls` run what the published code ran.
+
+| what | `dih` (the default) | published run | source |
+|---|---|---|---|
+| CRD | CE + 0.1 x KD (T 5) + 0.8 x CRD (the shared `--kd_alpha` 0.1) | `crd`: CE + 0.8 x CRD, no KD term; CRD+KD: `--recipe crd --kd_alpha 1`, CE + KD (T 4) + 0.8 x CRD | RepDistiller scripts/run_cifar_distill.sh: CRD `-a 0 -b 0.8`, CRD+KD `-a 1 -b 0.8`; train_student.py `--kd_T 4` |
+| FitNets | two stages: hint regression on the lower student (40 epochs), then KD (REFERENCE.md section 5) | `crd`: one stage (`--fitnets_stages 1`), CE + 100 x MSE(ConvReg(F_s), F_t) at the second stage of both | run_cifar_distill.sh `--distill hint -a 0 -b 100`; train_student.py `--hint_layer 2`; models/util.py ConvReg |
+| AT | beta x sum over stages of mean((a(F_s) - a(F_t))^2), a larger feature map pooled to the smaller size first, beta 1000 | the same under every recipe | RepDistiller distiller_zoo/AT.py (the DIH authors ship the same file, CRD/distiller_zoo/AT.py); Zagoruyko's utils.py and cifar.py compute beta x sum too (their paper writes beta/2, no published code does) |
+| KD | 0.1 x T^2 KL + 0.9 x CE, T 5 | `crd`: CE 0.1 + KD 0.9, T 4; `ls`: per pair (below) | mdistiller cfg.py; run_cifar_distill.sh kd `-r 0.1 -a 0.9` |
+| feature points of the benchmark VGGs (vgg8, vgg11_crd, vgg13, vgg16, vgg19) | RepDistiller's `feat[1:-1]` (vgg13: 128x16x16, 256x8x8, 512x4x4, 512x4x4) under every recipe | the same | RepDistiller models/vgg.py `forward` |
+| the seed's `vgg11` | heads after the first four max-pools | (not a benchmark network) | DIH paper, Table 1 |
+| schedule | 200 epochs, lr 0.1, nesterov, 60/120/180 x 0.1, batch 64 | `crd`: 240, lr 0.05 (0.01 for MobileNetV2 and the ShuffleNets), plain momentum, 150/180/210 x 0.1, batch 64; `dih_code`: 240, lr 0.05, nesterov, 150/180/210 x 0.2, batch 128 (`ce`: 60/120/180) | RepDistiller train_student.py; the DIH authors' final_test.py after "Hyperparameters tuning" |
+| crop padding | zeros | `dih_code`: reflect | the DIH authors' dataload.py after "Hyperparameters tuning" |
+| CIFAR-100 mean / std | (0.507, 0.487, 0.441) / (0.267, 0.256, 0.276) | `crd`: (0.5071, 0.4867, 0.4408) / (0.2675, 0.2565, 0.2761) | the DIH authors' dataload.py; RepDistiller dataset/cifar100.py and mdistiller's |
+| evaluation precision | float32, whatever `--precision` trains in (`--eval_precision bf16` to change) | float32 (their code has no mixed precision) | docs/SPEED.md |
+| reported epoch | `report.py --epoch last` (default) or `--epoch best` (the best test epoch, selected on the test set) | RepDistiller: the last epoch; mdistiller and LS: the best test epoch; the DIH authors select on the test split | REFERENCE.md sections 4 and 6c |
+
+Where the toolkit departs from the code it follows: the attention map is `mean_c |F|^p` (RepDistiller's `F^p`
+without the absolute value: equal at the p = 2 both use); DKD's CE weight is mdistiller's 1.0, which no recipe
+changes (LS's DKD runs keep it too).
 """
 
 
 def _cell(value) -> str:
-    """A table cell: lists joined by spaces, the column separator escaped."""
+    """A table cell: lists joined by spaces (an empty one: the flag given without a value), the column
+    separator escaped."""
+    if isinstance(value, list) and not value:
+        return "(no value)"
     if isinstance(value, (tuple, list)):
         value = ", ".join("->".join(v) if isinstance(v, tuple) else str(v) for v in value)
     return str(value).replace("|", "\\|")
+
+
+def rows(entries) -> list:
+    """Consecutive entries for the same runs (types, students, pairs, validation) and source, grouped."""
+    groups = []
+    for e in entries:
+        key = (e.types, e.students, e.pairs, e.val_only, e.source)
+        if groups and groups[-1][0] == key:
+            groups[-1][1].append(e)
+        else:
+            groups.append((key, [e]))
+    return groups
 
 
 def render() -> str:
     """The whole page."""
     out = [HEADER]
     for r in RECIPES.values():
-        out.append(f"\n## `{r.name}`\n\n{r.summary}.\n\n| flag | value | types | students | pairs | source |\n"
-                   "|---|---|---|---|---|---|\n")
-        for e in r.entries:
-            when = " (only with `--val_size`)" if e.val_only else ""
-            out.append(f"| `--{e.dest}` | `{_cell(e.value)}`{when} | {_cell(e.types) or 'all'} | "
-                       f"{_cell(e.students) or 'all'} | {_cell(e.pairs) or 'all'} | {_cell(e.source)} |\n")
+        out.append(f"\n## `{r.name}`\n\n{r.summary}.\n\n| values | types | students | pairs | source |\n"
+                   "|---|---|---|---|---|\n")
+        for (types, students, pairs, val_only, source), group in rows(r.entries):
+            values = ", ".join(f"`--{e.dest} {_cell(e.value)}`" for e in group)
+            when = " (only with `--val_size`)" if val_only else ""
+            out.append(f"| {values}{when} | {_cell(types) or 'all'} | {_cell(students) or 'all'} | "
+                       f"{_cell(pairs) or 'all'} | {_cell(source)} |\n")
     return "".join(out)
 
 

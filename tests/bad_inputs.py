@@ -77,7 +77,7 @@ EARLIER_CASES = {
     "teacher_of_other_architecture": (lambda b, c: [*KD, "--teacher", "res14", "--saved_path", b / "teacher.pth"],
                                       "holds a res8, not the requested res14"),
     "foreign_teacher_of_other_architecture": (lambda b, c: [*KD, "--saved_path", c / "t.pth"],
-                                              "t.pth' does not fit the model: unexpected key"),
+                                              "does not fit a res8; its tensors fit res14 and resnet14: name"),
     "teacher_of_other_class_count": (lambda b, c: [*KD, "--saved_path", c / "t.pth"],
                                      "t.pth' was trained for 10 classes"),
     "foreign_teacher_of_other_class_count": (lambda b, c: [*KD, "--saved_path", c / "t.pth"],

@@ -46,11 +46,9 @@ def test_hint_loss_pools_the_larger_map_to_the_smaller():
     assert swapped.item() == pytest.approx(expected, rel=1e-5)
 
 
-def np_attention(f: np.ndarray, p: float, size=None) -> np.ndarray:
-    """mean over channels of |F|^p, optionally pooled, flattened and L2-normalised per sample."""
+def np_attention(f: np.ndarray, p: float) -> np.ndarray:
+    """mean over channels of |F|^p, flattened and L2-normalised per sample."""
     a = (np.abs(f) ** p).mean(axis=1)
-    if size is not None:
-        a = np_pool(a, *size)
     a = a.reshape(a.shape[0], -1)
     return a / np.sqrt((a ** 2).sum(axis=1, keepdims=True))
 
@@ -64,18 +62,24 @@ def test_attention_map_by_hand():
     np.testing.assert_allclose(got.numpy(), np.array(expected), rtol=1e-5)
 
 
-def test_at_loss_by_hand_with_a_pooled_pair_and_p3():
-    beta, p = 1000.0, 3.0
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_at_loss_by_hand_is_repdistillers_with_a_pooled_pair(p):
+    # RepDistiller's distiller_zoo/AT.py (the DIH authors ship the same file): of a pair of sizes 8x8 and 4x4 the
+    # larger FEATURE map is adaptive-average-pooled to 4x4, then each side's attention is taken; the loss is
+    # beta times the sum over pairs of the mean squared difference (run_cifar_distill.sh: -b 1000).
+    beta = 1000.0
     s_feats = [fixed((2, 4, 4, 4)), fixed((2, 5, 2, 2), 2.0, 1.0)]
     t_feats = [fixed((2, 6, 8, 8), 0.5, 3.0), fixed((2, 7, 2, 2), 1.0, 4.0)]
-    expected = 0.0
-    for s, t in zip(s_feats, t_feats):
-        size = (min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3]))
-        expected += ((np_attention(s, p, size) - np_attention(t, p, size)) ** 2).mean()
-    expected *= beta / 2
+    second = ((np_attention(s_feats[1], p) - np_attention(t_feats[1], p)) ** 2).mean()
+    expected = beta * (((np_attention(s_feats[0], p) - np_attention(np_pool(t_feats[0], 4, 4), p)) ** 2).mean() + second)
     got = at_loss([torch.tensor(f, dtype=torch.float32) for f in s_feats],
                   [torch.tensor(f, dtype=torch.float32) for f in t_feats], beta, p)
     assert got.item() == pytest.approx(expected, rel=1e-4)
+    # Pooling the attention map instead (the toolkit's earlier form) is another function, 1% away or more here.
+    a_t = np_pool((np.abs(t_feats[0]) ** p).mean(axis=1), 4, 4).reshape(2, -1)
+    a_t = a_t / np.sqrt((a_t ** 2).sum(axis=1, keepdims=True))
+    attention_pooled = beta * (((np_attention(s_feats[0], p) - a_t) ** 2).mean() + second)
+    assert abs(attention_pooled - expected) > 0.01 * expected
 
 
 # ----------------------------------------------------------------------------- console runs

@@ -28,12 +28,13 @@ PUBLISHED = {
 }
 # (channels, stride relative to a 32-px input) of each mount point; at 64 px the same strides, but the VGGs'
 # fourth pool halves their fourth mount too (it pools maps larger than 4x4, as theirs does for 64-px input).
+# The VGGs' are RepDistiller's feature points, feat[1:-1] of its vgg.py forward: blocks 1-4 before their pools.
 MOUNTS = {
     **{f"resnet{d}": [(16, 1), (32, 2), (64, 4)] for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": [(64, 1), (128, 2), (256, 4)], "resnet32x4": [(64, 1), (128, 2), (256, 4)],
     "wrn_16_1": [(16, 1), (32, 2), (64, 4)], "wrn_40_1": [(16, 1), (32, 2), (64, 4)],
     "wrn_16_2": [(32, 1), (64, 2), (128, 4)], "wrn_40_2": [(32, 1), (64, 2), (128, 4)],
-    **{name: [(64, 2), (128, 4), (256, 8), (512, 8)] for name in ("vgg8", "vgg11_crd", "vgg13", "vgg16", "vgg19")},
+    **{name: [(128, 2), (256, 4), (512, 8), (512, 8)] for name in ("vgg8", "vgg11_crd", "vgg13", "vgg16", "vgg19")},
     "MobileNetV2": [(12, 2), (16, 4), (48, 8), (160, 16)],
     "ShuffleV1": [(240, 2), (480, 4), (960, 8)], "ShuffleV2": [(116, 2), (232, 4), (464, 8)],
     "ResNet50": [(256, 1), (512, 2), (1024, 4), (2048, 8)],

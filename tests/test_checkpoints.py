@@ -310,7 +310,9 @@ def test_foreign_teacher_state_dicts_are_accepted(tmp_path, res8, layout):
 
 
 REFUSED = {
-    "other_architecture": (lambda s: build_model("res14", 4).state_dict(), "unexpected key 'stages.0.1"),
+    "other_architecture": (lambda s: build_model("res14", 4).state_dict(),
+                           "does not fit a res8; its tensors fit res14 and resnet14: name its architecture "
+                           "(--teacher res14 or --teacher resnet14)"),
     "other_class_count": (lambda s: build_model("res8", 10).state_dict(),
                           "'fc.weight' has shape (10, 64), expected (4, 64)"),
     "missing_key": (lambda s: {k: v for k, v in s.items() if k != "fc.bias"}, "key 'fc.bias' is missing"),

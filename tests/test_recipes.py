@@ -44,7 +44,6 @@ def test_crd_recipe_resolves_the_benchmark_protocol_and_the_small_students_lr():
 def test_dkd_beta_per_pair_with_the_toolkits_names_matched_upstream(teacher, student, beta):
     assert values(["dkd"], "dkd", teacher, student)["dkd_beta"] == beta
     assert values(["crd"], "dkd", teacher, student)["dkd_beta"] == beta
-    assert values(["ls"], "dkd", teacher, student).get("dkd_beta") in (beta * 9, 30.0)
     assert "dkd_beta" not in values(["dkd"], "kd", teacher, student)
 
 

@@ -55,6 +55,13 @@ DATA_FLAGS = (
          help="where decoded image folders and Tiny-ImageNet are cached between runs (default: "
               "$XDG_CACHE_HOME/dih-toolkit, else ~/.cache/dih-toolkit)"),
     flag("--no_cache", action="store_true", help="decode image files on every run; write no cache"),
+    flag("--normalization", default="dih", choices=list(dataload.NORMALIZATIONS),
+         help="the per-channel mean/std of the inputs: dih: the DIH authors' dataload.py (CIFAR-10/100); "
+              "repdistiller: RepDistiller's and mdistiller's (CIFAR-100); dataset: the dataset's own stated or "
+              "measured constants; a table that lacks the dataset keeps its own (docs/RECIPES.md)"),
+    flag("--crop_padding", default="zeros", choices=list(dataload.PADDINGS),
+         help="padding of the 4-pixel random crop: zeros (as torchvision's RandomCrop pads) or reflect (the border mirrored, "
+              "as the DIH authors' tuned code does)"),
     flag("--data_path", default="auto", choices=["auto", "device", "loader"],
          help="device: whole dataset on the training device, augmented there; loader: torchvision "
               "DataLoader; auto: device when it fits in memory"),
@@ -100,6 +107,10 @@ SPEED_FLAGS = (
     flag("--precision", default="auto", choices=["auto", "fp32", "bf16"],
          help="bf16: bfloat16 autocast on the training device, CUDA or CPU (losses in float32); auto: bf16 on a "
               "CPU with AMX-BF16, else fp32 (docs/SPEED.md); the run's first lines say which and why"),
+    flag("--eval_precision", default="fp32", choices=["fp32", "bf16"],
+         help="precision of every evaluation (test split each epoch and in --training_type test, validation "
+              "split): fp32 whatever --precision trains in, so accuracies are the network's own; bf16: bfloat16 "
+              "autocast, faster where bfloat16 is native (docs/SPEED.md)"),
     flag("--memory_format", default="auto", choices=["auto", "contiguous", "channels_last"],
          help="memory format of the trained modules, the frozen teacher/heads and the input; auto: channels_last "
               "with bf16 on a CPU, else contiguous"),

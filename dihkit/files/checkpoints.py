@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from dihkit.foundations.errors import UserError
-from models_repo import build_model
-from models_repo.upstream import from_upstream, is_upstream, source_of
+from models_repo import MODELS, build_model
+from models_repo.upstream import (BATCH_COUNTER, BENCHMARK_VGGS, from_earlier_layout, from_upstream, in_earlier_layout,
+                                  is_upstream, source_of)
 
 FORMAT = "dih-toolkit/1"
 DIGEST_KEY = "tensors_sha256"
@@ -186,11 +187,15 @@ def check_digest(obj: dict, path: Path, what: str) -> None:
               f"cannot be detected in it", file=sys.stderr)
 
 
-def check_finite(state: dict, what: str, path) -> None:
-    """Refuse trained weights holding NaN or infinite values, naming the first such tensor."""
+def check_finite(state: dict, what: str, path, file_names: dict | None = None) -> None:
+    """Refuse trained weights holding NaN or infinite values, naming the first such tensor as the file names it
+    (``file_names``: this toolkit's name -> the file's, for a renamed file), this toolkit's name in brackets."""
     for key, value in state.items():
         if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise UserError(f"{what} '{path}' holds non-finite weights: tensor '{key}' has NaN or infinite values")
+            name = (file_names or {}).get(key, key)
+            ours = f" (this toolkit's '{key}')" if name != key else ""
+            raise UserError(f"{what} '{path}' holds non-finite weights: tensor '{name}'{ours} has NaN or infinite "
+                            f"values")
 
 
 def model_record(model: nn.Module, arch: str, num_classes: int, dataset: str, image_size: int, **extra) -> dict:
@@ -227,31 +232,86 @@ def read_model_file(path, arch: str | None, num_classes: int | None, what: str =
     """The state dict and metadata of model file ``path``, refused when its record names another architecture,
     class count or dataset, or when a weight is not finite (``None``: not checked; plain state dicts from
     other code record nothing, so only their weights are checked here). A RepDistiller/mdistiller/torchvision
-    state dict is renamed to ``arch``'s layout when ``arch`` is given (``convert_upstream``)."""
+    state dict is renamed to ``arch``'s layout when ``arch`` is given (``convert_upstream``), a benchmark VGG
+    in this toolkit's earlier layout to the current one; a plain state dict in this toolkit's layout that does
+    not fit ``arch`` is refused naming the architectures it fits (``check_plain_fits``)."""
     obj = safe_load(path, what)
-    if obj.get("format") == FORMAT:
-        if obj.get("kind") != "model":
-            raise UserError(f"{what} '{path}' is a {obj.get('kind')} file, not a model checkpoint")
-        if arch is not None and obj.get("arch") != arch:
-            raise UserError(f"{what} '{path}' holds a {obj.get('arch')}, not the requested {arch}")
-        if num_classes is not None and obj.get("num_classes") != num_classes:
-            raise UserError(f"{what} '{path}' was trained for {obj.get('num_classes')} classes, "
-                            f"but the dataset has {num_classes}")
-        if dataset is not None and obj.get("dataset") not in (None, dataset):
-            raise UserError(f"{what} '{path}' was trained on {obj['dataset']}, not on {dataset}")
-        state, meta = obj.get("state_dict"), {k: v for k, v in obj.items() if k != "state_dict"}
+    recorded = obj.get("format") == FORMAT
+    if recorded:
+        state, meta = recorded_state(obj, path, arch, num_classes, what, dataset)
     else:
         # Other code saves the bare state dict, or wraps it as {"state_dict": ...} / {"model": ...}.
         state = obj.get("state_dict", obj.get("model", obj))
         meta = {"arch": arch, "num_classes": num_classes}
     if not isinstance(state, dict):
         raise UserError(f"{what} '{path}' holds no state dict")
+    file_keys, source = list(state), f"{what} '{path}'"
     state = strip_module_prefix(state)
-    if obj.get("format") != FORMAT and arch is not None and is_upstream(state):
-        state = convert_upstream(obj, state, arch, num_classes, f"{what} '{path}'")
+    if in_earlier_layout(state, meta.get("arch")):
+        state = renamed_from_earlier_layout(state, meta["arch"], source)
+    elif not recorded and arch is not None and is_upstream(state):
+        state = convert_upstream(obj, state, arch, num_classes, source)
         meta.update(source=source_of(arch), upstream_epoch=obj.get("epoch"))
-    check_finite(state, what, path)
+    elif not recorded and arch is not None and num_classes is not None:
+        check_plain_fits(state, arch, num_classes, source)
+    # Every step above renames in order, one name for one: the file's own names line up with the state's.
+    check_finite(state, what, path, dict(zip(state, file_keys)))
     return state, meta
+
+
+def recorded_state(obj: dict, path, arch: str | None, num_classes: int | None, what: str,
+                   dataset: str | None) -> tuple[dict, dict]:
+    """The state dict and metadata of a toolkit model record, refused when it names another kind of file,
+    architecture, class count or dataset (``None``: not checked)."""
+    if obj.get("kind") != "model":
+        raise UserError(f"{what} '{path}' is a {obj.get('kind')} file, not a model checkpoint")
+    if arch is not None and obj.get("arch") != arch:
+        raise UserError(f"{what} '{path}' holds a {obj.get('arch')}, not the requested {arch}")
+    if num_classes is not None and obj.get("num_classes") != num_classes:
+        raise UserError(f"{what} '{path}' was trained for {obj.get('num_classes')} classes, "
+                        f"but the dataset has {num_classes}")
+    if dataset is not None and obj.get("dataset") not in (None, dataset):
+        raise UserError(f"{what} '{path}' was trained on {obj['dataset']}, not on {dataset}")
+    return obj.get("state_dict"), {k: v for k, v in obj.items() if k != "state_dict"}
+
+
+def layout_of(arch: str, num_classes: int) -> dict:
+    """Tensor name -> shape of registry model ``arch`` (built on the meta device: no memory, no RNG draws)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in build_model(arch, num_classes).state_dict().items()}
+
+
+def fits(state: dict, layout: dict) -> bool:
+    """Whether ``state`` holds exactly ``layout``'s tensors, shape for shape (batch-norm counters optional)."""
+    return (all(k in layout and torch.is_tensor(v) and tuple(v.shape) == layout[k] for k, v in state.items())
+            and all(k in state or k.endswith(BATCH_COUNTER) for k in layout))
+
+
+def check_plain_fits(state: dict, arch: str, num_classes: int, source: str) -> None:
+    """Refuse a plain state dict in this toolkit's layout that does not fit ``arch`` but fits other registry
+    architectures, naming them: such a file records no architecture, and two networks can hold the same
+    tensors (the seed's vgg11 and, in the earlier layout, vgg11_crd), so only the command can name it."""
+    if fits(state, layout_of(arch, num_classes)):
+        return
+    fitting = [name for name in MODELS if fits(state, layout_of(name, num_classes))]
+    earlier = [name for name in BENCHMARK_VGGS if in_earlier_layout(state, name)
+               and fits(from_earlier_layout(state), layout_of(name, num_classes))]
+    if fitting or earlier:
+        names = fitting + [f"{name} (in this toolkit's earlier layout)" for name in earlier]
+        raise UserError(f"{source} is a plain state dict, which records no architecture, and it does not fit a "
+                        f"{arch}; its tensors fit {' and '.join(names)}: name its architecture (--teacher "
+                        f"{' or --teacher '.join(fitting + earlier)})")
+
+
+def renamed_from_earlier_layout(state: dict, arch: str, source: str) -> dict:
+    """A benchmark VGG's tensors in this toolkit's earlier layout renamed to the current one (the same network:
+    only the stages' grouping changed); one notice per file and process."""
+    if source not in _CONVERTED:
+        _CONVERTED.add(source)
+        print(f"notice: {source} holds a {arch} in this toolkit's earlier layout (its fifth block a tail); its "
+              f"tensors were renamed to the current one, whose stages end at RepDistiller's feature points",
+              file=sys.stderr)
+    return from_earlier_layout(state)
 
 
 def convert_upstream(obj: dict, state: dict, arch: str, num_classes: int | None, source: str) -> dict:
@@ -285,6 +345,8 @@ def load_model_file(path, model: nn.Module, arch: str, num_classes: int, what: s
     Returns the file's metadata (an empty-ish dict for plain state dicts from other code).
     """
     state, meta = read_model_file(path, arch, num_classes, what, dataset)
+    # As torch's load_state_dict does for files without the counters (PyTorch < 0.4.1): the model's own value.
+    state = {**state, **{k: v for k, v in model.state_dict().items() if k.endswith(BATCH_COUNTER) and k not in state}}
     check_state_dict(model, state, what, path)
     model.load_state_dict(state)
     return meta

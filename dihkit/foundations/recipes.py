@@ -61,21 +61,42 @@ class Resolved:
 
 DIH_PAPER = "DIH paper, hyper-parameter table (REFERENCE.md section 2)"
 DIH_HEADS = "DIH authors' code, train_regular_middle_logits: each head at its epoch of lowest validation loss"
+DIH_DATALOAD = "DIH authors' dataload.py, get_cifar: Normalize constants"
 DIH_MILESTONES = Milestones((60, 120, 180), 200)
 MDISTILLER_CFG = "megvii-research/mdistiller mdistiller/engine/cfg.py"
 REPDISTILLER = "HobbitLong/RepDistiller train_student.py"
+REPDISTILLER_RUNS = "HobbitLong/RepDistiller scripts/run_cifar_distill.sh"
 SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 DIST_CIFAR = "hunto/image_classification_sota configs/strategies/distill/dist_cifar.yaml (REFERENCE.md section 6)"
 DIST_IMAGENET = "hunto/DIST_KD README.md, ImageNet runs (REFERENCE.md section 6)"
-LS_TRAIN = "sunshangquan/logit-standardization-KD tools/train.py (--base-temp 2, --kd-weight 9) and mdistiller/engine/cfg.py"
-LS_README = "sunshangquan/logit-standardization-KD README.md, log name kd,resnet110,resnet20,4,12"
-LS_README_DKD = "sunshangquan/logit-standardization-KD README.md, log name dkd,resnet110,resnet20,2,15,2.0"
+LS_REPO = "sunshangquan/logit-standardization-KD"
+LS_TRAIN = f"{LS_REPO} tools/train.py (--base-temp 2, --kd-weight 9) and mdistiller/engine/cfg.py"
 LS_KD_WEIGHT = 9.0
+# The DIH authors' code after its commit "Hyperparameters tuning" (to compare with the baselines).
+DIH_CODE_SOURCE = "DIH authors' final_test.py argparse defaults after the commit \"Hyperparameters tuning\""
 
 DIH = Recipe("dih", "the DIH paper's recipe, the console's own values (200 epochs, lr 0.1, 60/120/180, T 5, alpha 0.1)", (
     Entry("epochs", 200, DIH_PAPER), Entry("lr", 0.1, DIH_PAPER), Entry("schedule", DIH_MILESTONES, DIH_PAPER),
     Entry("schedule_gamma", 0.1, DIH_PAPER), Entry("batch_size", 64, DIH_PAPER), Entry("wd", 5e-4, DIH_PAPER),
     Entry("momentum", 0.9, DIH_PAPER), Entry("nesterov", True, "DIH authors' code (SGD with nesterov)"),
+    Entry("normalization", "dih", DIH_DATALOAD),
+    Entry("head_selection", "lowest_val_loss", DIH_HEADS, types=("fine_tune",), val_only=True),
+))
+
+DIH_CODE = Recipe("dih_code", "the DIH authors' code's values after their README (240 epochs, batch 128, lr 0.05, "
+                  "150/180/210, gamma 0.2, reflect-padded crops), for comparison with the baselines", (
+    Entry("epochs", 240, f"{DIH_CODE_SOURCE}: --epochs"), Entry("batch_size", 128, f"{DIH_CODE_SOURCE}: --batch_size"),
+    Entry("lr", 0.05, f"{DIH_CODE_SOURCE}: --lr"),
+    Entry("schedule", Milestones((150, 180, 210), 240), f"{DIH_CODE_SOURCE}: --schedule"),
+    Entry("schedule", Milestones((60, 120, 180), 240), "DIH authors' final_test.py, ce branch: MultiStepLR "
+          "milestones=[60, 120, 180] written in place of args.schedule (the same commit)", types=("ce",)),
+    Entry("schedule_gamma", 0.2, f"{DIH_CODE_SOURCE}: --schedule_gamma"), Entry("wd", 5e-4, f"{DIH_CODE_SOURCE}: --wd"),
+    Entry("momentum", 0.9, f"{DIH_CODE_SOURCE}: --momentum"), Entry("nesterov", True, f"{DIH_CODE_SOURCE}: --nesterov"),
+    Entry("crop_padding", "reflect", "DIH authors' dataload.py after the same commit: RandomCrop(32, padding=4, "
+          "padding_mode='reflect')"),
+    Entry("normalization", "dih", DIH_DATALOAD),
+    Entry("schedule_fitnets_1", [], f"{DIH_CODE_SOURCE}: --schedule_fitnets_1 60 120 180, past stage 1's 40 "
+          "epochs: its lr never decays", types=("fitnets",)),
     Entry("head_selection", "lowest_val_loss", DIH_HEADS, types=("fine_tune",), val_only=True),
 ))
 
@@ -90,16 +111,28 @@ DKD_BETA = (
 )
 
 CRD = Recipe("crd", "the CRD/mdistiller CIFAR-100 protocol (240 epochs, lr 0.05, 150/180/210), mdistiller's KD "
-             "weights and DKD's per-pair beta", (
+             "weights, DKD's per-pair beta, and RepDistiller's CRD, AT and one-stage FitNet runs", (
     Entry("epochs", 240, REPDISTILLER), Entry("lr", 0.05, REPDISTILLER),
     Entry("lr", 0.01, f"{REPDISTILLER} (lr 0.01 for these students)", students=SMALL_LR_STUDENTS),
     Entry("schedule", Milestones((150, 180, 210), 240), REPDISTILLER),
     Entry("schedule_gamma", 0.1, REPDISTILLER), Entry("batch_size", 64, REPDISTILLER),
     Entry("wd", 5e-4, REPDISTILLER), Entry("momentum", 0.9, REPDISTILLER),
     Entry("nesterov", False, f"{REPDISTILLER} (plain SGD momentum)"),
-    Entry("ce_weight", 0.1, f"{MDISTILLER_CFG} (KD.LOSS.CE_WEIGHT)", types=("kd",)),
-    Entry("kd_weight", 0.9, f"{MDISTILLER_CFG} (KD.LOSS.KD_WEIGHT)", types=("kd",)),
-    Entry("kd_temperature", 4.0, f"{MDISTILLER_CFG} (KD.TEMPERATURE)", types=("kd",)),
+    Entry("normalization", "repdistiller", "HobbitLong/RepDistiller dataset/cifar100.py and mdistiller "
+          "mdistiller/dataset/cifar100.py: Normalize constants"),
+    Entry("ce_weight", 0.1, f"{MDISTILLER_CFG} (KD.LOSS.CE_WEIGHT); {REPDISTILLER_RUNS}: kd -r 0.1", types=("kd",)),
+    Entry("kd_weight", 0.9, f"{MDISTILLER_CFG} (KD.LOSS.KD_WEIGHT); {REPDISTILLER_RUNS}: kd -a 0.9", types=("kd",)),
+    Entry("kd_temperature", 4.0, f"{MDISTILLER_CFG} (KD.TEMPERATURE); {REPDISTILLER} --kd_T 4", types=("kd",)),
+    Entry("kd_alpha", 0.0, f"{REPDISTILLER_RUNS}: CRD -a 0 (no KD term; CRD+KD is -a 1: --kd_alpha 1)", types=("crd",)),
+    Entry("beta", 0.8, f"{REPDISTILLER_RUNS}: CRD -b 0.8", types=("crd",)),
+    Entry("kd_temperature", 4.0, f"{REPDISTILLER} --kd_T 4 (the KD term of CRD+KD)", types=("crd",)),
+    Entry("at_beta", 1000.0, f"{REPDISTILLER_RUNS}: attention -b 1000", types=("at",)),
+    Entry("at_kd_alpha", 0.0, f"{REPDISTILLER_RUNS}: attention -a 0", types=("at",)),
+    Entry("fitnets_stages", 1, f"{REPDISTILLER_RUNS}: hint, one stage (no init phase for hint in train_student.py)",
+          types=("fitnets",)),
+    Entry("hint_weight", 100.0, f"{REPDISTILLER_RUNS}: hint -a 0 -b 100", types=("fitnets",)),
+    Entry("hint_layer", 1, f"{REPDISTILLER} --hint_layer 2: feat[2], the second stage's output", types=("fitnets",)),
+    Entry("guided_layer", 1, f"{REPDISTILLER} --hint_layer 2 (the student's feat[2] too)", types=("fitnets",)),
 ) + DKD_BETA)
 
 DKD = Recipe("dkd", "DKD's per-pair beta from mdistiller's CIFAR-100 configs (2, 6, else 8)", DKD_BETA)
@@ -114,20 +147,66 @@ DIST_IMAGENET_RECIPE = Recipe("dist_imagenet", "DIST's ImageNet setting: beta = 
     Entry("kd_temperature", 1.0, DIST_IMAGENET, types=("dist",)),
 ))
 
-LS = Recipe("ls", "logit standardisation's runs: KD with CE 0.1, KD 9, base T 2; DKD with alpha and beta x9", (
+# Logit standardisation's published CIFAR-100 runs, as its README names their logs: KD_TYPE,TEACHER,STUDENT,
+# BASE_TEMPERATURE,KD_WEIGHT[,BETA]. tools/train.py sets KD's temperature and weight from them (CE stays cfg.py's
+# 0.1); for DKD it sets DKD.T, and DKD.ALPHA and DKD.BETA to the config's value times the weight, a BETA in the
+# name replacing the config's (DKD's CE weight stays cfg.py's 1.0). Pairs in the upstream spelling.
+LS_KD_RUNS = {
+    ("resnet32x4", "resnet8x4"): (2, 9), ("vgg13", "vgg8"): (3, 9), ("wrn_40_2", "wrn_40_1"): (2, 9),
+    ("wrn_40_2", "wrn_16_2"): (2, 9), ("resnet56", "resnet20"): (2, 9), ("resnet110", "resnet32"): (2, 9),
+    ("resnet110", "resnet20"): (4, 12), ("resnet32x4", "ShuffleV2"): (2, 9), ("resnet32x4", "wrn_16_2"): (3, 9),
+    ("resnet32x4", "wrn_40_2"): (3, 9), ("wrn_40_2", "resnet8x4"): (2, 9), ("wrn_40_2", "MobileNetV2"): (3, 9),
+    ("vgg13", "MobileNetV2"): (3, 9), ("ResNet50", "MobileNetV2"): (3, 1),
+}
+LS_DKD_RUNS = {
+    ("resnet32x4", "resnet8x4"): (2, 9, None), ("vgg13", "vgg8"): (2, 15, 2.0), ("wrn_40_2", "wrn_40_1"): (2, 12, 2.0),
+    ("wrn_40_2", "wrn_16_2"): (2, 12, 2.0), ("resnet56", "resnet20"): (3, 18, 2.0),
+    ("resnet110", "resnet32"): (2, 15, 2.0), ("resnet110", "resnet20"): (2, 15, 2.0),
+    ("resnet32x4", "ShuffleV2"): (2, 9, None), ("resnet32x4", "wrn_16_2"): (2, 9, 2.0),
+    ("resnet32x4", "wrn_40_2"): (2, 9, 8.0), ("wrn_40_2", "resnet8x4"): (2, 18, 2.0),
+    ("wrn_40_2", "MobileNetV2"): (2, 15, 2.0), ("vgg13", "MobileNetV2"): (3, 9, 2.0),
+    ("ResNet50", "MobileNetV2"): (2, 15, 2.0),
+}
+
+
+def ls_log(kind: str, pair: tuple, *values) -> str:
+    """The source of a published LS run's values: its log file, as the README links it."""
+    name = ",".join([kind.lower(), *pair, *(f"{v:g}" if isinstance(v, int) else f"{v:.1f}" for v in values
+                                            if v is not None)])
+    return f"{LS_REPO} README.md, log {kind}/{name}.txt"
+
+
+def config_dkd_beta(pair: tuple) -> float:
+    """The DKD beta of mdistiller's config for ``pair`` (what a log name without a BETA keeps)."""
+    return next(e.value for e in reversed(DKD_BETA) if not e.pairs or pair in e.pairs)
+
+
+def ls_run_entries() -> tuple:
+    """One entry per value of each published LS run, sourced by its log name."""
+    out = []
+    for pair, (t, w) in LS_KD_RUNS.items():
+        src = ls_log("KD", pair, t, w)
+        out += [Entry("kd_temperature", float(t), src, types=("kd",), pairs=(pair,)),
+                Entry("kd_weight", float(w), src, types=("kd",), pairs=(pair,))]
+    for pair, (t, w, beta) in LS_DKD_RUNS.items():
+        base = beta if beta is not None else config_dkd_beta(pair)
+        src = ls_log("DKD", pair, t, w, beta) + ("" if beta else f" (BETA: the config's {base:g})")
+        out += [Entry("kd_temperature", float(t), src, types=("dkd",), pairs=(pair,)),
+                Entry("dkd_alpha", 1.0 * w, src, types=("dkd",), pairs=(pair,)),
+                Entry("dkd_beta", base * w, src, types=("dkd",), pairs=(pair,))]
+    return tuple(out)
+
+
+LS = Recipe("ls", "logit standardisation's runs: each of its 14 published KD and DKD pairs as its log names it; "
+            "other pairs KD with CE 0.1, KD 9, base T 2 and DKD with alpha and beta x9", (
     Entry("logit_std", True, LS_TRAIN, types=("kd", "dkd")),
     Entry("ce_weight", 0.1, LS_TRAIN, types=("kd",)), Entry("kd_weight", LS_KD_WEIGHT, LS_TRAIN, types=("kd",)),
     Entry("kd_temperature", 2.0, LS_TRAIN, types=("kd", "dkd")),
-    Entry("kd_temperature", 4.0, LS_README, types=("kd",), pairs=(("resnet110", "resnet20"),)),
-    Entry("kd_weight", 12.0, LS_README, types=("kd",), pairs=(("resnet110", "resnet20"),)),
     Entry("dkd_alpha", LS_KD_WEIGHT, f"{LS_TRAIN}: DKD.ALPHA x 9", types=("dkd",)),
 ) + tuple(replace(e, value=e.value * LS_KD_WEIGHT, source=f"{LS_TRAIN}: DKD.BETA x 9, on {e.source}")
-          for e in DKD_BETA) + (
-    Entry("dkd_alpha", 15.0, LS_README_DKD, types=("dkd",), pairs=(("resnet110", "resnet20"),)),
-    Entry("dkd_beta", 30.0, LS_README_DKD, types=("dkd",), pairs=(("resnet110", "resnet20"),)),
-))
+          for e in DKD_BETA) + ls_run_entries())
 
-RECIPES = {r.name: r for r in (DIH, CRD, DKD, DIST_CIFAR_RECIPE, DIST_IMAGENET_RECIPE, LS)}
+RECIPES = {r.name: r for r in (DIH, DIH_CODE, CRD, DKD, DIST_CIFAR_RECIPE, DIST_IMAGENET_RECIPE, LS)}
 DEFAULT_RECIPE = "dih"
 
 # ImageNet (docs/IMAGENET.md). The model pairs are the registry's ImageNet networks (torchvision's names and

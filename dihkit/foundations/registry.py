@@ -9,7 +9,8 @@ from typing import Callable
 
 # Flags every training type's result depends on (the data, the recipe, the global batch).
 RECIPE_KEYS = ("training_type", "dataset", "val_size", "train_subset", "lr", "wd", "momentum", "nesterov",
-               "schedule", "schedule_gamma", "epochs", "batch_size", "scale_lr", "sync_bn")
+               "schedule", "schedule_gamma", "epochs", "batch_size", "scale_lr", "sync_bn", "normalization",
+               "crop_padding")
 # What a distilled student's result depends on beyond the recipe.
 STUDENT_KEYS = ("teacher", "student", "kd_alpha", "kd_temperature")
 # The KD term's separate weights (--ce_weight/--kd_weight), for the types whose KD term takes them.
@@ -41,6 +42,7 @@ class TrainingType:
     outputs: Callable = only_output      # outputs(out, flags) -> [(path, is_dir)] of every phase
     final_output: Callable = same_path   # where its final model lands, from --path_to_save
     final_phase: str | None = None       # the phase holding its final result, when not named after the type
+    also_final: tuple = ()               # phases of the type's other forms that hold a final result too
     needs: frozenset = frozenset()       # {"teacher", "heads"}: the trained inputs the pipeline must pass
     in_pipeline: bool = True             # can be a pipeline method
     same_stages: bool = False            # pairs teacher and student stage by stage (equal stage counts)

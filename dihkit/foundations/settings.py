@@ -30,6 +30,8 @@ class DataSettings:
     num_workers: int
     data_path: str
     cache_dir: str | None = None
+    normalization: str = "dih"           # the mean/std table (dataload.NORMALIZATIONS)
+    crop_padding: str = "zeros"          # the random crop's padding (dataload.PADDINGS)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class RunSettings:
     overwrite: bool = False
     nan_policy: str = "stop"
     precision: str = "fp32"              # fp32 or bf16 (bfloat16 autocast); auto before resolution
+    eval_precision: str = "fp32"         # evaluation's: fp32 whatever the training's, or bf16 (autocast)
     memory_format: str = "contiguous"    # contiguous or channels_last; auto before resolution
     speed_reason: str = ""
     fold: bool = True                    # fold the frozen cohort's batch norms (the bench turns it off)

@@ -47,24 +47,24 @@ def reference_row(rows: list, against: str):
 
 
 def comparison_lines(table: Table, against: str) -> list:
-    """Markdown: per column, each method row's last-epoch difference from the row ``against`` names
-    (``reference_row``)."""
-    rows = table.rows()
+    """Markdown: per column, each method row's difference from the row ``against`` names (``reference_row``), at
+    the table's epoch selection."""
+    rows, selection = table.rows(), table.selection
     reference = reference_row(rows, against)
     against = reference.label
-    out = [f"## Differences from {against} (test top-1, last epoch)", "",
+    out = [f"## Differences from {against} (test top-1, {table.selection_title()})", "",
            f"Beyond the seed spread: both rows have n >= 2 and |difference| > std + std ({against}), that is, "
            "the intervals mean ± std do not overlap. Welch's t and its degrees of freedom are for reference.", ""]
     for pair in table.pairs:
-        if (reference, pair) not in table.cells:
+        ref = table.cells[(reference, pair)].values(selection) if (reference, pair) in table.cells else []
+        if not ref:
             continue
-        ref = table.cells[(reference, pair)].values("last")
         ref_mean = summary(ref)[0]
         out += [f"{pair.title()}; {against}: {format_cell(ref)}", "",
                 "| row | mean | difference | std | beyond the seed spread? | Welch t (df) |",
                 "|---|---|---|---|---|---|"]
         for row in rows:
-            values = table.cells[(row, pair)].values("last") if (row, pair) in table.cells else []
+            values = table.cells[(row, pair)].values(selection) if (row, pair) in table.cells else []
             if not row.is_method or row == reference or not values:
                 continue
             (mean, std, n), (t, df) = summary(values), welch(values, ref)

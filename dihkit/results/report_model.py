@@ -8,17 +8,25 @@ from pathlib import Path
 
 import training_types  # noqa: F401  (fills the registry)
 from dihkit.foundations.registry import REGISTRY
+from dihkit.runs.evaluation import headline
 
 MANIFEST_KIND = "dih-pipeline"
 # What identifies a column, so never tells runs of one row apart.
 COLUMN_KEYS = ("training_type", "teacher", "student", "dataset")
-SELECTIONS = (("last", "last epoch"), ("best", "best-validation epoch"))
+# Which epoch's test top-1 a figure is: the name a table, plot and CSV line print for each selection.
+SELECTIONS = {"last": "last epoch", "best_val": "best-validation epoch",
+              "best_test": "best test epoch, selected on the test set"}
+# ``report.py --epoch``: the tables each choice prints, its main selection (plots, comparisons) first. The
+# best-validation table follows either where runs have a validation split.
+EPOCHS = {"last": ("last", "best_val"), "best": ("best_test", "best_val")}
 PROTOCOL = (
     "Protocol: each cell is the mean ± sample standard deviation (n−1 denominator) of test top-1 (%) over "
     "the complete runs (seeds), n = their number; n=1 shows the single value. *Last epoch*: the model "
     "after the final epoch, the file every run writes. *Best-validation epoch*: the epoch with the highest "
     "top-1 on the validation images held out of the training set (`--val_size`), evaluated on test; only "
-    "runs with a validation split have it. The test split selects nothing. Teacher: the complete `ce` runs "
+    "runs with a validation split have it. *Best test epoch* (`report.py --epoch best`): each run's highest "
+    "test top-1 over its epochs, as mdistiller's and logit standardisation's tables report; it is selected on "
+    "the test set, so it is optimistic. Teacher: the complete `ce` runs "
     "of the teacher architecture; head i: the complete `fine_tune` runs on that teacher; `(frozen)` rows: "
     "the frozen checkpoints' test accuracy measured inside the KD/DIH runs that used them (one value per "
     "distinct checkpoint; their training records were not among the folders). Two-phase methods count "
@@ -76,7 +84,9 @@ class Result:
     def is_final(self) -> bool:
         """Whether this phase is the one whose model the method delivers."""
         t = REGISTRY.get(self.training_type)
-        return self.phase == (t.final_phase_name if t else self.training_type)
+        if t is None:
+            return self.phase == self.training_type
+        return self.phase == t.final_phase_name or self.phase in t.also_final
 
     @property
     def dataset(self) -> str:
@@ -103,6 +113,17 @@ class Result:
         if not best:
             return None
         return best["test"][output]["top1"] if output else best["test_top1"]
+
+    def best_test(self, output: str | None = None) -> float | None:
+        """The highest test top-1 over the run's epochs (of one named output; else the epoch's headline, the mean
+        over its outputs), or None when no epoch recorded one."""
+        tops = [e["test"][output]["top1"] if output else headline(e["test"])
+                for e in self.record.get("history", []) if e.get("test") and (output is None or output in e["test"])]
+        return max(tops, default=None)
+
+    def figures(self, last: float, output: str | None = None) -> dict:
+        """The run's test top-1 under each selection (``SELECTIONS``), ``last`` being its last epoch's."""
+        return {"last": last, "best_val": self.best(output), "best_test": self.best_test(output)}
 
 
 @dataclass(frozen=True)
@@ -157,37 +178,46 @@ class Row:
 
 @dataclass
 class Cell:
-    """The runs of one row in one column: (seed, last-epoch test top-1, best-validation test top-1 or None, result)."""
+    """The runs of one row in one column: (seed, {selection: test top-1 or None}, result)."""
     runs: list = field(default_factory=list)
 
-    def add(self, seed, last: float, best: float | None, result: Result | None = None) -> None:
-        """One run's figures."""
-        self.runs.append((seed, last, best, result))
+    def add(self, seed, figures: dict, result: Result | None = None) -> None:
+        """One run's figures, by selection (``SELECTIONS``; a missing one: the run has none)."""
+        self.runs.append((seed, figures, result))
 
     def values(self, selection: str) -> list:
-        """The runs' figures for ``last`` or ``best`` (runs without validation have no best figure)."""
-        column = 1 if selection == "last" else 2
-        return [run[column] for run in self.runs if run[column] is not None]
+        """The runs' figures under ``selection`` (runs without validation have no best-validation figure)."""
+        return [run[1][selection] for run in self.runs if run[1].get(selection) is not None]
 
     def seeds(self, selection: str = "last") -> list:
         """The seeds of the runs behind ``values(selection)`` ("-" for a frozen checkpoint's figure)."""
-        column = 1 if selection == "last" else 2
-        return ["-" if run[0] is None else run[0] for run in self.runs if run[column] is not None]
+        return ["-" if run[0] is None else run[0] for run in self.runs if run[1].get(selection) is not None]
 
     def results(self) -> list:
         """The result records of the runs (frozen figures have none)."""
-        return [run[3] for run in self.runs if run[3] is not None]
+        return [run[2] for run in self.runs if run[2] is not None]
 
 
 @dataclass
 class Table:
-    """Everything the report prints: cells by (row, column), and what was left out and why."""
+    """Everything the report prints: cells by (row, column), and what was left out and why; ``epoch`` is
+    ``report.py --epoch`` (``EPOCHS``), whose first selection the plots and comparisons show."""
     pairs: list
     cells: dict
     incomplete: list
     intermediate: Counter
     unused: list
     unreadable: list
+    epoch: str = "last"
+
+    @property
+    def selection(self) -> str:
+        """The main selection: ``last`` or ``best_test``."""
+        return EPOCHS[self.epoch][0]
+
+    def selection_title(self) -> str:
+        """The main selection in words, for titles and labels."""
+        return SELECTIONS[self.selection]
 
     def rows(self) -> list:
         """Every row that has a cell in some column, in table order."""

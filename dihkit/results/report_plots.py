@@ -44,11 +44,13 @@ def plot_curves(table: Table, pair: Pair, path: Path, plt) -> bool:
             ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=style["color"], alpha=0.15)
         longest = max(longest, length)
     for row in table.rows():
-        if row.kind == "teacher" and (row, pair) in table.cells:
-            mean = statistics.fmean(table.cells[(row, pair)].values("last"))
+        values = table.cells[(row, pair)].values(table.selection) if (row, pair) in table.cells else []
+        if row.kind == "teacher" and values:
+            mean = statistics.fmean(values)
             ax.axhline(mean, color="black", linestyle="--", linewidth=1, label=f"{row.label} {mean:.2f}")
     ax.set(xlabel="epoch", ylabel="test top-1 (%)",
-           title=f"{pair.title()}: test top-1 per epoch\n(line: mean over seeds; band: min-max)")
+           title=f"{pair.title()}: test top-1 per epoch (every epoch; teacher line: {table.selection_title()})"
+                 "\n(line: mean over seeds; band: min-max)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(0.5, longest + 0.5)
     if longest:
@@ -60,10 +62,11 @@ def plot_curves(table: Table, pair: Pair, path: Path, plt) -> bool:
 def plot_depth(table: Table, pair: Pair, path: Path, plt) -> bool:
     """Each head's test top-1 against its mount point, then the teacher's; students as horizontal lines.
     With several teacher or head rows (differing flags), the first of each depth is drawn. False if none."""
-    depth = {}
+    depth, selection = {}, table.selection
     for row in table.rows():
-        if (row, pair) in table.cells and not row.is_method:
-            depth.setdefault((row.kind == "teacher", row.index), table.cells[(row, pair)].values("last"))
+        values = table.cells[(row, pair)].values(selection) if (row, pair) in table.cells else []
+        if values and not row.is_method:
+            depth.setdefault((row.kind == "teacher", row.index), values)
     if not depth:
         return False
     keys = sorted(depth)
@@ -72,11 +75,13 @@ def plot_depth(table: Table, pair: Pair, path: Path, plt) -> bool:
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.errorbar(range(len(keys)), [m for m, _, _ in stats], yerr=[s or 0 for _, s, _ in stats], fmt="o-",
                 color="black", capsize=4, label=f"{pair.teacher}: heads by depth, then the teacher")
-    for i, row in enumerate(r for r in table.rows() if r.is_method and (r, pair) in table.cells):
-        mean = statistics.fmean(table.cells[(row, pair)].values("last"))
+    methods = [r for r in table.rows()
+               if r.is_method and (r, pair) in table.cells and table.cells[(r, pair)].values(selection)]
+    for i, row in enumerate(methods):
+        mean = statistics.fmean(table.cells[(row, pair)].values(selection))
         ax.axhline(mean, linewidth=1.5, label=f"{row.label} {mean:.2f}", **series_style(i, first_dash=3))
     ax.set_xticks(range(len(keys)), labels)
-    ax.set(xlabel="mount point (1 = shallowest)", ylabel="test top-1 (%), last epoch",
+    ax.set(xlabel="mount point (1 = shallowest)", ylabel=f"test top-1 (%), {table.selection_title()}",
            title=f"{pair.title()}: accuracy by depth (mean ± std over runs)")
     finish_axes(fig, ax, path)
     plt.close(fig)

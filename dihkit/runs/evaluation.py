@@ -15,7 +15,7 @@ def evaluate_outputs(fn, split: dataload.Split, ctx: RunContext) -> dict:
     k = min(5, ctx.info.num_classes)
     for x, y, _ in dataload.eval_batches(split, ctx.info, max(256, ctx.cfg.data.batch_size), ctx.device,
                                          ctx.dist.rank, ctx.dist.world_size):
-        with ctx.autocast():
+        with ctx.eval_autocast():
             outs = fn(x)
         if counts is None:
             counts = {name: torch.zeros(3, device=ctx.device) for name in outs}

@@ -37,6 +37,13 @@ class RunContext:
         On a CPU it pays off only where the processor computes in bfloat16 natively (AMX, perhaps AVX512-BF16);
         losses stay float32 either way (KD_Loss).
         """
-        if self.cfg.run.amp:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return self._bf16(self.cfg.run.amp)
+
+    def eval_autocast(self):
+        """bfloat16 autocast for evaluation only with ``--eval_precision bf16``: by default every split is evaluated
+        in float32 whatever the training precision, so accuracies are the network's own (docs/SPEED.md)."""
+        return self._bf16(self.cfg.run.eval_precision == "bf16")
+
+    def _bf16(self, on: bool):
+        """bfloat16 autocast on the run's device when ``on``, else a no-op."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if on else nullcontext()

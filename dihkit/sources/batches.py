@@ -19,7 +19,10 @@ from dihkit.sources.data_types import DatasetInfo, Split
 from dihkit.foundations.errors import UserError
 
 PAD = 4
-"""Pixels of zero padding around each image before the random crop (the CIFAR recipe)."""
+"""Pixels of padding around each image before the random crop (the CIFAR recipe)."""
+# ``--crop_padding``: zeros (torchvision's RandomCrop default) or the image mirrored at its border (padding_mode
+# "reflect", the DIH authors' code after "Hyperparameters tuning"); the name F.pad gives each.
+PADDINGS = {"zeros": "constant", "reflect": "reflect"}
 
 @functools.lru_cache(maxsize=None)
 def _channel_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
@@ -47,19 +50,21 @@ def draw_augment_params(n: int, generator: torch.Generator) -> tuple[torch.Tenso
     return offsets, flips
 
 
-def augment_batch(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, mean, std) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, mean, std,
+                  padding: str = "zeros") -> torch.Tensor:
     """Random-crop-with-padding and horizontal flip of a uint8 batch ``(B, 3, H, W)``, then ``normalize``.
 
-    Image ``b`` is zero-padded by ``PAD`` pixels, cropped back to ``H x W`` with its top-left corner at
-    ``offsets[b] = (top, left)`` of the padded image, and mirrored left-right where ``flips[b]``; this is
-    exactly torchvision's ``RandomCrop(H, padding=PAD)`` followed by ``RandomHorizontalFlip``. Works on
-    any device; ``offsets`` and ``flips`` are moved to the images' device.
+    Image ``b`` is padded by ``PAD`` pixels (``padding``: zeros, or reflect, the border mirrored without
+    repeating the edge pixel), cropped back to ``H x W`` with its top-left corner at ``offsets[b] = (top, left)``
+    of the padded image, and mirrored left-right where ``flips[b]``; this is exactly torchvision's
+    ``RandomCrop(H, padding=PAD, padding_mode=...)`` followed by ``RandomHorizontalFlip``. Works on any device;
+    ``offsets`` and ``flips`` are moved to the images' device.
     """
     b, c, h, w = images.shape
     device = images.device
     offsets = offsets.to(device=device, dtype=torch.long)
     flips = flips.to(device=device, dtype=torch.bool)
-    padded = F.pad(images, (PAD, PAD, PAD, PAD))
+    padded = F.pad(images, (PAD, PAD, PAD, PAD), mode=PADDINGS[padding])
     rows = offsets[:, 0:1] + torch.arange(h, device=device)
     cols = offsets[:, 1:2] + torch.arange(w, device=device)
     cols = torch.where(flips[:, None], cols.flip(1), cols)
@@ -115,13 +120,15 @@ def train_batches(
     num_workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    padding: str = "zeros",
 ):
     """One epoch: yields (x float32 normalized on `device` NCHW, y int64 on device, idx int64 on device: the sample's index in `split`).
 
     Every random choice of the epoch (order, crops, flips) is drawn from the CPU ``generator`` when this
     function is called, so restoring the generator's state reproduces the epoch. ``mode="device"`` augments
     whole batches on ``device`` with ``augment_batch``; ``mode="loader"`` runs torchvision's RandomCrop,
-    RandomHorizontalFlip, ToTensor and Normalize per image in a ``DataLoader`` with ``num_workers``.
+    RandomHorizontalFlip, ToTensor and Normalize per image in a ``DataLoader`` with ``num_workers``; both pad
+    the crops with ``padding`` (``PADDINGS``).
     With ``world_size > 1`` each rank gets a disjoint strided shard of the same permutation: the ranks
     must seed ``generator`` identically, and every rank makes the same draws so the generators stay in step.
     """
@@ -137,19 +144,19 @@ def train_batches(
         # in different shards gets independent augmentation (and with one rank nothing changes).
         offsets, flips = draw_augment_params(len(order) * world_size, generator)
         offsets, flips = offsets[rank::world_size], flips[rank::world_size]
-        return _device_batches(split, info, batch_size, device, order, offsets, flips)
+        return _device_batches(split, info, batch_size, device, order, offsets, flips, padding)
     epoch_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return _loader_batches(split, info, batch_size, device, order, epoch_seed, num_workers)
+    return _loader_batches(split, info, batch_size, device, order, epoch_seed, num_workers, padding)
 
 
-def _device_batches(split, info, batch_size, device, order, offsets, flips):
+def _device_batches(split, info, batch_size, device, order, offsets, flips, padding):
     """Yield augmented batches gathered from the split's device copy in ``order``."""
     images, labels = _on_device(split, device)
     order, offsets, flips = order.to(device), offsets.to(device), flips.to(device)
     for start in range(0, len(order), batch_size):
         batch = slice(start, start + batch_size)
         idx = order[batch]
-        yield augment_batch(images[idx], offsets[batch], flips[batch], info.mean, info.std), labels[idx], idx
+        yield augment_batch(images[idx], offsets[batch], flips[batch], info.mean, info.std, padding), labels[idx], idx
 
 
 class _AugmentedImages(torch.utils.data.Dataset):
@@ -160,7 +167,7 @@ class _AugmentedImages(torch.utils.data.Dataset):
     or on anything else the caller's process does with the global RNG.
     """
 
-    def __init__(self, split: Split, info: DatasetInfo, epoch_seed: int):
+    def __init__(self, split: Split, info: DatasetInfo, epoch_seed: int, padding: str = "zeros"):
         from torchvision import transforms
 
         self.images = split.images
@@ -168,7 +175,7 @@ class _AugmentedImages(torch.utils.data.Dataset):
         self.epoch_seed = epoch_seed
         self.transform = transforms.Compose(
             [
-                transforms.RandomCrop(info.image_size, padding=PAD),
+                transforms.RandomCrop(info.image_size, padding=PAD, padding_mode=PADDINGS[padding]),
                 transforms.RandomHorizontalFlip(),
                 transforms.ToTensor(),
                 transforms.Normalize(info.mean, info.std),
@@ -192,10 +199,10 @@ class _AugmentedImages(torch.utils.data.Dataset):
         return x, self.labels[idx], idx
 
 
-def _loader_batches(split, info, batch_size, device, order, epoch_seed, num_workers):
+def _loader_batches(split, info, batch_size, device, order, epoch_seed, num_workers, padding):
     """Yield batches from a ``DataLoader`` that visits ``order`` with torchvision's per-image augmentation."""
     loader = torch.utils.data.DataLoader(
-        _AugmentedImages(split, info, epoch_seed),
+        _AugmentedImages(split, info, epoch_seed, padding),
         batch_size=batch_size,
         sampler=order.tolist(),
         num_workers=num_workers,
