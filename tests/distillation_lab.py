@@ -12,12 +12,13 @@ labels teach slowly. Each case is trained, in process, from the same weights, se
 - ``control`` (the negative control): the method's own flags, with every distillation term of the toolkit
   computed on the student's tensors with their value kept and their gradient stopped (``STOPPED``). It keeps
   the method's loss value and loses only the teacher's gradient, so it must fail the check the method passes;
-- ``teacher_heads`` (TOFD, MHKD): the method with its frozen heads answering what the teacher's final classifier
-  answers (``TEACHER_AS_HEADS``), the comparator of the heads checks.
+- ``teacher_heads`` (DIH, TOFD, MHKD): the method with its frozen heads answering what the teacher's final
+  classifier answers (``teacher_as_heads``), the control of the heads checks (``HEADS_CHECKS``);
+- ``kd_at_dih_weights``: KD at DIH's summed weights, the comparator of DIH's heads check.
 
 Every reference the distances use is computed here from the files, with the model's own forward for the
-teacher and plain torch operations for the heads: never through ``dih_utils.Cohort`` or ``load_heads``, the
-code under test.
+teacher and plain torch operations for DIH's and MHKD's heads (TOFD's are the rest of a res8, its own blocks
+loaded from the files): never through ``dih_utils.Cohort`` or ``load_heads``, the code under test.
 """
 from dataclasses import dataclass, field
 
