@@ -41,25 +41,6 @@ def tiny_teacher(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def noisy_labels_teacher(tmp_path_factory):
-    """``folder/clean`` and ``folder/noisy`` (the same images, half the training labels redrawn), a res8
-    ``folder/teacher.pth`` trained on the clean labels and its three heads ``folder/heads``, once per test run."""
-    from console import NOISY_WORLD, run_inprocess
-    from faults import make_imagefolder
-    folder = tmp_path_factory.mktemp("noisy_labels")
-    for name, noise in (("clean", 0.0), ("noisy", 0.5)):
-        make_imagefolder(folder / name, train_per_class=40, test_per_class=30, size=8, label_noise=noise,
-                         spread=50, classes=10)
-    teacher = [*NOISY_WORLD, "--data_dir", folder / "clean", "--seed", "3", "--batch_size", "32"]
-    assert run_inprocess([*teacher, "--training_type", "ce", "--epochs", "8", "--schedule", "7",
-                          "--path_to_save", folder / "teacher.pth"]) == 0
-    # lr 0.01: at the recipe's 0.1 the flattened heads overshoot (tests/test_learning.py, fine_tune).
-    assert run_inprocess([*teacher, "--training_type", "fine_tune", "--saved_path", folder / "teacher.pth",
-                          "--lr", "0.01", "--epochs", "2", "--schedule", "1", "--path_to_save", folder / "heads"]) == 0
-    return folder
-
-
 def pytest_addoption(parser):
     """``--runslow``: also run the tests marked ``slow`` (CI and the README's full-suite command do)."""
     parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (the full suite)")

@@ -11,9 +11,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # A tiny but complete recipe: generated data, small models, one epoch on CPU.
 TINY = ["--dataset", "synthetic", "--train_subset", "600", "--epochs", "1", "--schedule", "1", "--seed", "3",
         "--gpu_id", "cpu", "--batch_size", "64", "--teacher", "res14", "--student", "res8"]
-# The distillation tests' world (conftest's noisy_labels_teacher): 8px colour classes, res8 teacher and student.
-NOISY_WORLD = ["--dataset", "imagefolder", "--gpu_id", "cpu", "--num_workers", "0", "--teacher", "res8",
-               "--student", "res8", "--no_cache"]
 
 
 def run_inprocess(args, capsys=None) -> int:
@@ -31,8 +28,8 @@ def run_subprocess(args, cwd, timeout=600, script="final_test.py") -> subprocess
                           capture_output=True, text=True, timeout=timeout)
 
 
-def make_ctx(argv, data=None, seed: int = 0, out=None):
-    """A CPU RunContext whose settings are the console's for ``argv`` (data on the device path)."""
+def make_ctx(argv, data=None, seed: int = 0, out=None, device: str = "cpu"):
+    """A RunContext on ``device`` whose settings are the console's for ``argv`` (data on the device path)."""
     import dataclasses
 
     import torch
@@ -42,8 +39,8 @@ def make_ctx(argv, data=None, seed: int = 0, out=None):
     from dihkit.console.devices import resolve_speed
     cfg = final_test.make_settings(final_test.build_parser().parse_args([str(a) for a in ["--gpu_id", "cpu", *argv]]))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_path="device"),
-                              run=resolve_speed(cfg.run, torch.device("cpu")))
-    return RunContext(cfg, torch.device("cpu"), data, Dist(), seed, out)
+                              run=resolve_speed(cfg.run, torch.device(device)))
+    return RunContext(cfg, torch.device(device), data, Dist(), seed, out)
 
 
 @contextlib.contextmanager

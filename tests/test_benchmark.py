@@ -39,8 +39,9 @@ MOUNTS = {
     "ShuffleV1": [(240, 2), (480, 4), (960, 8)], "ShuffleV2": [(116, 2), (232, 4), (464, 8)],
     "ResNet50": [(256, 1), (512, 2), (1024, 4), (2048, 8)],
 }
-# One architecture of each family runs by default; the others are as slow as CI allows (-m "not slow" skips them).
-DEFAULT = {"resnet8", "resnet8x4", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2"}
+# One architecture of each family runs by default (ResNet50 is the only one of bottleneck blocks: about 5 s, its
+# forward at 32 px against the published layout's catches a stride on the wrong conv); the others under --runslow.
+DEFAULT = {"resnet8", "resnet8x4", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50"}
 EACH = [a if a in DEFAULT else pytest.param(a, marks=pytest.mark.slow) for a in PUBLISHED]
 
 

@@ -1,4 +1,5 @@
-"""The method's four commands, shrunk, end to end; and what DIH must guarantee while it trains."""
+"""The method's four commands, shrunk, end to end; what DIH must guarantee while it trains; and that the teacher's
+logits reach the student's gradient in every logit method (and stop reaching it when the term's gradient stops)."""
 import copy
 import json
 import shutil
@@ -7,8 +8,10 @@ import pytest
 import torch
 
 import dataload
-from console import TINY, make_ctx, run_inprocess
+import train_kd
+from console import TINY, data_loaded_once, make_ctx, run_inprocess
 from dih_utils import Cohort, build_heads, fingerprint, heads_meta, load_heads, mount_shapes
+from distillation_lab import gradient_stopped
 from KD_Loss import dih_loss
 from dihkit.runs.model_loading import model_meta
 from models_repo import build_model
@@ -98,30 +101,41 @@ def assert_same(before, module):
         assert torch.equal(before[key], after[key]), key
 
 
+def student_grad(method, x, y) -> torch.Tensor:
+    """The student's gradient of one training step of ``method`` on ``(x, y)``, flattened."""
+    method.train()
+    method.zero_grad()
+    loss, _ = method(x, y, torch.arange(len(y)))
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in method.student.parameters()])
+
+
+def head_zeroed(heads, i: int):
+    """A copy of ``heads`` whose head ``i`` predicts the uniform distribution: a different teacher signal."""
+    altered = copy.deepcopy(heads)
+    with torch.no_grad():
+        altered[i].fc.weight.zero_()
+        altered[i].fc.bias.zero_()
+    return altered
+
+
 def test_dih_student_gets_gradient_from_every_head(runs):
     teacher, heads, _ = trained_teacher_and_heads(runs)
     torch.manual_seed(0)
     student = build_model("res8", 10)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     method = Distillation(student, {}, Cohort(teacher, heads), kd_objective(ModelSettings("res14", "res8")))
-    method.train()
     assert len(method.cohort.heads) == 3
 
-    def student_grad(m):
-        m.zero_grad()
-        loss, _ = m(x, y, None)
-        loss.backward()
-        return torch.cat([p.grad.flatten() for p in m.student.parameters()])
+    def reaches(i: int) -> bool:
+        other = Distillation(student, {}, Cohort(teacher, head_zeroed(heads, i)), method.objective)
+        return not torch.allclose(student_grad(other, x, y), student_grad(method, x, y))
 
-    reference = student_grad(method)
     for i in range(3):
-        altered = copy.deepcopy(heads)
-        with torch.no_grad():
-            # A zeroed head predicts the uniform distribution: a different teacher signal.
-            altered[i].fc.weight.zero_()
-            altered[i].fc.bias.zero_()
-        other = Distillation(student, {}, Cohort(teacher, altered), kd_objective(ModelSettings("res14", "res8")))
-        assert not torch.allclose(student_grad(other), reference), f"head {i + 1} does not reach the student"
+        assert reaches(i), f"head {i + 1} does not reach the student"
+    with pytest.MonkeyPatch.context() as mp:
+        gradient_stopped(mp)  # the KL terms' student logits without their gradient: no head reaches it
+        assert not any(reaches(i) for i in range(3))
     # And the loss is exactly the DIH loss of all four cohort members.
     with torch.no_grad():
         loss, logits = method(x, y, None)
@@ -158,3 +172,72 @@ def test_several_seeds_get_suffixes_and_a_summary(tmp_path, capsys):
 def test_summary_prints_the_model(capsys):
     assert run_inprocess(["--summary", "--dataset", "synthetic", "--student", "res8", "--gpu_id", "cpu"]) == 0
     assert "Total params" in capsys.readouterr().out
+
+
+class Built(Exception):
+    """Raised in place of training, once a training type has built the Method of its phase."""
+
+    def __init__(self, method):
+        super().__init__("built")
+        self.method = method
+
+
+@pytest.fixture(scope="module")
+def data_once():
+    """The generated data made once for the tests that only build a method (making it is most of their time)."""
+    with data_loaded_once():
+        yield
+
+
+def built_method(argv) -> Distillation:
+    """The Method the console builds for the first phase of ``argv`` (KD, DKD, DIST, TAKD's hops), untrained."""
+    def build_only(method, *args, **kwargs):
+        raise Built(method)
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Built) as built:
+        mp.setattr(train_kd, "run_phase", build_only)
+        run_inprocess([*TINY, *argv])
+    return built.value.method
+
+
+class ShiftedTeacher:
+    """A frozen cohort whose teacher's logits are moved by a fixed random tensor (heads as they were)."""
+
+    def __init__(self, cohort: Cohort):
+        self.cohort, self.heads = cohort, cohort.heads
+
+    def __call__(self, x):
+        logits = self.cohort(x)
+        shift = torch.randn(logits[0].shape, generator=torch.Generator().manual_seed(1))
+        return [logits[0] + shift, *logits[1:]]
+
+
+def teacher_reaches_the_student(method, x, y) -> bool:
+    """Whether moving the teacher's logits changes the student's gradient."""
+    reference = student_grad(method, x, y)
+    cohort, method.cohort = method.cohort, ShiftedTeacher(method.cohort)
+    try:
+        return not torch.allclose(student_grad(method, x, y), reference)
+    finally:
+        method.cohort = cohort
+
+
+@pytest.mark.parametrize("argv", [
+    ("--training_type", "kd"),
+    ("--training_type", "takd", "--ta", "res8"),                                   # teacher -> assistant
+    ("--training_type", "takd", "--ta", "res14", "--saved_ta_path", "teacher.pth"),  # assistant -> student
+    ("--training_type", "dkd"),
+    ("--training_type", "dist"),
+], ids=["kd", "takd_assistant", "takd_student", "dkd", "dist"])
+def test_the_teachers_logits_reach_the_students_gradient(runs, data_once, tmp_path, argv):
+    """As the console builds each logit method: moving the teacher's logits changes the student's gradient, and
+    with the distillation term's gradient stopped (the student's logits detached inside it) it no longer does."""
+    argv = [runs / a if a == "teacher.pth" else a for a in argv]
+    method = built_method([*argv, "--saved_path", runs / "teacher.pth", "--path_to_save", tmp_path / "s.pth"])
+    assert isinstance(method, Distillation) and not method.cohort.heads
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    assert teacher_reaches_the_student(method, x, y)
+    with pytest.MonkeyPatch.context() as mp:
+        gradient_stopped(mp)
+        assert not teacher_reaches_the_student(method, x, y)

@@ -8,13 +8,21 @@ to the plain float32 loss:
 - bf16: 2e-2 (bfloat16 keeps 8 significant bits, about 0.4% per rounding; the losses themselves are float32).
 ``--precision bf16`` is bfloat16 autocast on the training device, so on this CPU the tests exercise the real path.
 The suite's runs see a CPU without native bfloat16 (conftest), so ``auto`` is float32 unless a test says otherwise.
+
+A flag that did nothing would keep the loss too, so each test also shows the flag acting inside the trainer's
+forward: the step is a compiled module and Dynamo compiled a frame (``--compile``); the student's, the teacher's
+and the heads' outputs are bfloat16 (``--precision bf16``); the input, the trained modules and the frozen cohort
+are channels-last (``--memory_format channels_last``).
 """
+import contextlib
 import copy
 import json
 
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
+from torch._dynamo.utils import counters
 
 import train_funcs
 from dihkit.files.checkpoints import atomic_save, model_record
@@ -33,15 +41,16 @@ from train_kd import Distillation, kd_objective
 CLASSES = 10
 
 
-def context(*flags: str):
-    """A CPU run context whose settings are the console's with ``flags``."""
-    return make_ctx(flags)
+def context(*flags: str, device: str = "cpu"):
+    """A run context on ``device`` whose settings are the console's with ``flags``."""
+    return make_ctx(flags, device=device)
 
 
-def fixed_batch(n: int = 16):
+def fixed_batch(n: int = 16, device: str = "cpu"):
     """The same batch for every comparison."""
     g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (n,), generator=g), torch.arange(n)
+    batch = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (n,), generator=g), torch.arange(n)
+    return [t.to(device) for t in batch]
 
 
 def dih_method() -> Distillation:
@@ -59,11 +68,18 @@ def head_tuning_method() -> HeadTuning:
     return HeadTuning(teacher, build_heads(teacher, CLASSES, 32), {})
 
 
-def training_loss(method: Method, ctx: RunContext, backward: bool = False):
-    """The float32 loss of one training forward as ``fit`` runs it (and the student's gradients)."""
+def training_step(method: Method, ctx: RunContext):
+    """The step callable ``fit`` runs (``prepare_step``: device, memory format, folded cohort, compile), the
+    method in train mode."""
     step_fn = train_funcs.prepare_step(method, ctx)
     method.train()
-    loss, _ = train_funcs.forward_loss(step_fn, *fixed_batch(), ctx)
+    return step_fn
+
+
+def training_loss(method: Method, ctx: RunContext, backward: bool = False, step_fn=None):
+    """The float32 loss of one training forward as ``fit`` runs it (and the student's gradients)."""
+    step_fn = training_step(method, ctx) if step_fn is None else step_fn
+    loss, _ = train_funcs.forward_loss(step_fn, *fixed_batch(device=ctx.device.type), ctx)
     if not backward:
         return loss.detach()
     loss.backward()
@@ -75,40 +91,76 @@ def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs() / b.abs()).item()
 
 
-def first_conv_weight(model: nn.Module) -> torch.Tensor:
-    """The weight of the first convolution of ``model``."""
-    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight
+@contextlib.contextmanager
+def recorded(modules, what, pre: bool = False):
+    """A list that each module of ``modules`` adds ``what(inputs, output)`` to when it runs forward (``pre``:
+    ``what(inputs)`` before it runs)."""
+    seen = []
+    if pre:
+        handles = [m.register_forward_pre_hook(lambda m, inputs: seen.append(what(inputs))) for m in modules]
+    else:
+        handles = [m.register_forward_hook(lambda m, inputs, out: seen.append(what(inputs, out))) for m in modules]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
 
 
-def test_channels_last_loss_matches_and_reaches_the_frozen_cohort():
+def logits_dtype(inputs, out) -> torch.dtype:
+    """The dtype of a model's logits (a ``features=True`` forward returns them first)."""
+    return (out[0] if isinstance(out, tuple) else out).dtype
+
+
+def convolution_weights(*models: nn.Module) -> list:
+    """Every convolution weight of ``models`` with a kernel larger than 1x1 (where the two layouts differ)."""
+    return [p for m in models for p in m.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+
+
+def test_channels_last_loss_matches_and_reaches_the_input_the_student_and_the_frozen_cohort():
     plain = dih_method()
     flagged = copy.deepcopy(plain)
     expected = training_loss(plain, context())
-    got = training_loss(flagged, context("--memory_format", "channels_last"))
+    ctx = context("--memory_format", "channels_last")
+    step_fn = training_step(flagged, ctx)
+    # The cohort is not a submodule (prepare_step folds it into new modules): fit must convert it apart.
+    models = (flagged.student, flagged.cohort.teacher)
+    with recorded(models, lambda inputs: inputs[0].is_contiguous(memory_format=torch.channels_last), pre=True) as seen:
+        got = training_loss(flagged, ctx, step_fn=step_fn)
     assert relative_gap(got, expected) < 1e-5
-    # The cohort is not a submodule: fit must convert it as well as the student.
-    for model in (flagged.student, flagged.cohort.teacher):
-        assert first_conv_weight(model).is_contiguous(memory_format=torch.channels_last)
+    assert seen == [True, True], "the student's and the teacher's input are channels-last"
+    weights = convolution_weights(flagged, flagged.cohort.teacher)  # every trained module, and the cohort
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in convolution_weights(plain.student))
 
 
-def test_bf16_is_bfloat16_autocast_on_cpu_and_keeps_the_loss():
-    ctx = context("--precision", "bf16")
-    with ctx.autocast():
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        # The frozen cohort's pass runs under the same autocast as the student's.
-        assert dih_method().cohort(fixed_batch()[0])[0].dtype == torch.bfloat16
-    for build in (dih_method, head_tuning_method):
-        expected = training_loss(build(), context())
-        got = training_loss(build(), ctx)
-        assert got.dtype == torch.float32
-        assert relative_gap(got, expected) < 2e-2
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_bf16_computes_the_trainers_forward_in_bfloat16_and_keeps_the_loss(device):
+    ctx = context("--precision", "bf16", device=device)
+    method = dih_method()
+    step_fn = training_step(method, ctx)
+    # Inside the trainer's forward: the student, the frozen teacher and its heads (one pass, the same autocast).
+    models = (method.student, method.cohort.teacher, *method.cohort.heads)
+    with recorded(models, logits_dtype) as dtypes:
+        got = training_loss(method, ctx, step_fn=step_fn)
+    assert dtypes == [torch.bfloat16] * 5
+    assert got.dtype == torch.float32
+    assert relative_gap(got, training_loss(dih_method(), context(device=device))) < 2e-2
+    expected, got = (training_loss(head_tuning_method(), c) for c in (context(device=device), ctx))
+    assert got.dtype == torch.float32 and relative_gap(got, expected) < 2e-2
 
 
-def test_compile_loss_and_gradients_match():
+def test_compile_compiles_the_step_and_keeps_loss_and_gradients():
     plain = dih_method()
     flagged = copy.deepcopy(plain)
     expected, expected_grads = training_loss(plain, context(), backward=True)
-    got, grads = training_loss(flagged, context("--compile"), backward=True)
+    ctx = context("--compile")
+    step_fn = training_step(flagged, ctx)
+    assert isinstance(step_fn, OptimizedModule) and step_fn._orig_mod is flagged
+    counters.clear()
+    got, grads = training_loss(flagged, ctx, backward=True, step_fn=step_fn)
+    assert counters["frames"]["ok"] >= 1, "Dynamo compiled no frame of the step"
     assert relative_gap(got, expected) < 1e-4
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)

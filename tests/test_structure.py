@@ -170,6 +170,24 @@ def test_a_planted_upward_import_is_caught(tree_copy):
     assert upward_imports(known, graph, tree_copy) == [("dihkit.sources.batches", "dihkit.runs.evaluation")]
 
 
+def check_sizes(root: Path) -> subprocess.CompletedProcess:
+    """scripts/check_sizes.py of the tree at ``root``, run on that tree."""
+    return subprocess.run([sys.executable, str(root / "scripts" / "check_sizes.py")], capture_output=True, text=True)
+
+
 def test_functions_and_modules_fit_their_size():
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_sizes.py")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = check_sizes(ROOT)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_a_planted_long_function_and_long_module_are_reported(tree_copy):
+    """A 61-line function in a module of its own, and a 401-line module of short lines: each named with its size."""
+    body = "".join(f"    x{i} = {i}\n" for i in range(59))
+    (tree_copy / "dihkit" / "long_function.py").write_text(f"def too_long():\n{body}    return 0\n")
+    (tree_copy / "dihkit" / "long_module.py").write_text("".join(f"X{i} = {i}\n" for i in range(401)))
+    done = check_sizes(tree_copy)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["over the limit: dihkit/long_function.py:too_long (61 lines)",
+                                        "over the limit: dihkit/long_module.py (401 lines)"]
+    assert "     61  dihkit/long_function.py:too_long" in done.stdout.splitlines()
+    assert "    401  dihkit/long_module.py" in done.stdout.splitlines()
