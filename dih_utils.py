@@ -221,7 +221,8 @@ def load_heads(directory, teacher: nn.Module, meta: dict, heads: nn.ModuleList |
     directory = Path(directory)
     found = list_heads(directory)
     if heads is None:
-        heads = build_heads(teacher, meta["num_classes"], meta["image_size"])
+        with torch.random.fork_rng(devices=[]):  # loaded weights: no draws from the run's RNG (load_trained)
+            heads = build_heads(teacher, meta["num_classes"], meta["image_size"])
     expect = {key: meta[key] for key in ("teacher_arch", "num_classes", "image_size", "num_heads")}
     records = head_records(directory, found, len(heads), meta["teacher_arch"], expect)
     for i, (head, rec) in enumerate(zip(heads, records), start=1):

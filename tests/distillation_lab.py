@@ -30,7 +30,6 @@ import dataload
 import dih_utils
 import KD_Loss
 import train_at
-import train_dih
 import train_fitnets
 import train_funcs
 import training_types  # noqa: F401  (fills the registry)
@@ -159,18 +158,6 @@ def student_stopped(function, position: int = 0):
         args[position] = without_gradient(args[position])
         return function(*args, **kwargs)
     return stopped
-
-
-def rng_untouched(function):
-    """``function`` run with the random state saved before and restored after it.
-
-    DIH builds its heads (drawing their initial weights) before its student, only to load their weights: at the
-    same seed its student would start from other weights than KD's. Around ``load_heads`` they start alike.
-    """
-    def untouched(*args, **kwargs):
-        with torch.random.fork_rng(devices=[]):
-            return function(*args, **kwargs)
-    return untouched
 
 
 def times_zero(function):
@@ -378,7 +365,6 @@ class Lab:
             real_run = train_funcs.Trainer.run
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(train_funcs.Trainer, "run", lambda trainer: self.observe(trainer, real_run))
-                mp.setattr(train_dih, "load_heads", rng_untouched(train_dih.load_heads))
                 if variant == "twin":
                     for module, function in CASES[name].zeroed:
                         mp.setattr(module, function, times_zero(getattr(module, function)))

@@ -241,3 +241,26 @@ def test_the_teachers_logits_reach_the_students_gradient(runs, data_once, tmp_pa
     with pytest.MonkeyPatch.context() as mp:
         gradient_stopped(mp)
         assert not teacher_reaches_the_student(method, x, y)
+
+
+def first_weights(argv) -> dict:
+    """The trained model's weights as the console's first phase of ``argv`` starts training them."""
+    def build_only(trainer):
+        raise Built(trainer.method)
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Built) as built:
+        mp.setattr(Trainer, "run", build_only)
+        run_inprocess([*TINY, *argv])
+    return built.value.method.student.state_dict()
+
+
+def test_a_students_first_weights_do_not_depend_on_what_the_method_loads(runs, data_once, tmp_path):
+    """At one seed the student alone (ce), KD's and DIH's students start from the same weights: the teacher and
+    heads read from files are built without drawing from the run's RNG, so seed-paired comparisons compare
+    methods, not initialisations (drawing them made DIH's student start elsewhere than KD's)."""
+    teacher, heads = ("--saved_path", runs / "teacher.pth"), ("--saved_intermediates_directory", runs / "headers")
+    alone = first_weights(["--training_type", "ce", "--teacher", "res8", "--path_to_save", tmp_path / "ce.pth"])
+    kd = first_weights(["--training_type", "kd", *teacher, "--path_to_save", tmp_path / "kd.pth"])
+    dih = first_weights(["--training_type", "dih", *teacher, *heads, "--path_to_save", tmp_path / "dih.pth"])
+    assert alone.keys() == kd.keys() == dih.keys()
+    assert all(torch.equal(alone[k], kd[k]) and torch.equal(kd[k], dih[k]) for k in alone)

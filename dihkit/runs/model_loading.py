@@ -41,7 +41,10 @@ def load_trained(ctx: RunContext, arch: str, path, what: str) -> tuple[nn.Module
     """A registry model with weights from ``path``, checked against ``arch`` and the dataset."""
     if path is None:
         raise UserError(f"{what} needs --saved_path (the trained {arch} checkpoint)")
-    model = build_model(arch, ctx.info.num_classes)
+    # Its initial weights are overwritten: drawing them from the run's RNG would make a student's first weights
+    # depend on what else the method loads (KD's, DIH's and CE's students start alike at one seed).
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(arch, ctx.info.num_classes)
     meta = load_model_file(path, model, arch, ctx.info.num_classes, what, ctx.info.name)
     if meta.get("image_size") not in (None, ctx.info.image_size):
         raise UserError(f"{what} '{path}' was trained on {meta['image_size']}px images, "
