@@ -22,10 +22,14 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -84,10 +88,6 @@ def anchor_transform(crop: int):
 
 def per_image_tasks(crop: int) -> dict:
     """Name -> function of a path: one image's work, for each way to decode (and crop) it."""
-    from PIL import Image
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    from torchvision.transforms import v2
-
     anchor = anchor_transform(crop)
     tv = v2.Compose([v2.RandomResizedCrop(crop, antialias=True), v2.RandomHorizontalFlip()])
 
@@ -96,7 +96,10 @@ def per_image_tasks(crop: int) -> dict:
             return image.convert("RGB")
 
     def torchvision_decode(path):
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        # Deprecated in torchvision 0.29 (each call warns): measured, not used by the toolkit.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_image(read_file(path), mode=ImageReadMode.RGB)
 
     return {"decode_pillow": pillow, "decode_torchvision": torchvision_decode,
             "imagefolder_pillow": lambda path: anchor(pillow(path)),

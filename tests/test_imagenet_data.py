@@ -52,7 +52,7 @@ def photo(path, size, kind="PNG"):
 # ----------------------------------------------------------------------------- crops
 
 @pytest.mark.parametrize("size, crop", [((57, 41), 16), ((40, 64), 24), ((500, 375), 224)])
-def test_evaluation_crop_is_torchvision_resize_then_centre_crop(tmp_path, size, crop):
+def test_evaluation_crop_is_imagefolders_resize_then_centre_crop(tmp_path, size, crop):
     image = photo(tmp_path / "x.png", size)
     want = np.asarray(transforms.CenterCrop(crop)(transforms.Resize(eval_resize(crop))(image)))
     got = decode_crop(str(tmp_path / "x.png"), crop, train=False)
@@ -61,7 +61,7 @@ def test_evaluation_crop_is_torchvision_resize_then_centre_crop(tmp_path, size, 
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
 
 
-def test_training_crop_draws_as_torchvision_random_resized_crop(tmp_path):
+def test_training_crop_draws_as_imagefolders_random_resized_crop(tmp_path):
     image = photo(tmp_path / "x.png", (57, 41))
     reference = transforms.Compose([transforms.RandomResizedCrop(CROP), transforms.RandomHorizontalFlip()])
     gaps, boxes = [], set()
@@ -69,12 +69,12 @@ def test_training_crop_draws_as_torchvision_random_resized_crop(tmp_path):
         with seeded(7, index):
             want = np.asarray(reference(image))
         with seeded(7, index):
-            box = train_box(image)
-        boxes.add(box)
+            boxes.add(train_box(image))
         with seeded(7, index):
             got = decode_crop(str(tmp_path / "x.png"), CROP, train=True)
         gaps.append(np.abs(got.astype(int) - want.astype(int)).mean())
-    # The same boxes and flips; only the border pixels' filter differs (the box resize reads past the box).
+    # The same boxes and flips in the same order (a box or flip drawn otherwise differs by tens of levels);
+    # only the border pixels' filter differs (the box resize reads past the box, a crop cannot).
     assert len(boxes) == 20 and max(gaps) < 3
 
 
@@ -323,3 +323,18 @@ def test_peak_memory_of_a_streamed_run_does_not_grow_with_the_image_count(tmp_pa
         peaks[per_class] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_kb"]
     print(f"peak RSS: 200 images {peaks[20] / 1024:.1f} MiB, 2,000 images {peaks[200] / 1024:.1f} MiB")
     assert peaks[200] <= 1.10 * peaks[20], peaks
+
+
+def test_loader_bench_reports_every_figure(tmp_path):
+    from bench import loader_bench
+    out = tmp_path / "loader.json"
+    assert loader_bench.main(["--images", "20", "--tree", str(tmp_path / "tree"), "--crops", "16", "--per_image", "4",
+                              "--repeats", "1", "--workers", "0", "1", "--batch_size", "4", "--steps", "1",
+                              "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["per_image"]["16"]) == {"decode_pillow", "decode_torchvision", "imagefolder_pillow",
+                                              "torchvision_v2", "pillow_box", "pillow_box_draft"}
+    assert set(result["loaders"]) == {"stream/0", "imagefolder/0", "stream/1", "imagefolder/1"}
+    assert set(result["ratios"]) == {f"{r}/{w}" for r in ("stream_to_imagefolder", "stream_per_worker_to_decode_alone")
+                                     for w in (0, 1)}
+    assert 0 <= result["data_wait"]["wait_share"] <= 1 and result["tree"]["train_images"] == 20

@@ -153,7 +153,7 @@ def train_batches(
         return _device_batches(split, info, batch_size, device, order[start:], offsets, flips)
     epoch_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     loader = _loader(split, info, True, batch_size, device, num_workers, prefetch_factor, persistent_workers)
-    return _loader_batches(loader, [(int(i), epoch_seed) for i in order[start:]], split, info, device)
+    return _loader_batches(loader, order[start:], epoch_seed, split, info, device)
 
 
 def _device_batches(split, info, batch_size, device, order, offsets, flips):
@@ -204,22 +204,23 @@ class _AugmentedImages(torch.utils.data.Dataset):
 class _EpochKeys(torch.utils.data.Sampler):
     """The keys ``(index, epoch_seed)`` a loader visits, replaced before each pass (``set_epoch``).
 
-    A persistent loader keeps its sampler, so a new epoch only replaces the keys; the seed travels with
-    each index, so the workers need not be told that an epoch began.
+    A persistent loader keeps its sampler, so a new epoch only replaces the indices; the seed travels with
+    each index, so the workers need not be told that an epoch began. The keys are made as the loader asks
+    for them: a million tuples per epoch would hold about 100 MB.
     """
 
     def __init__(self):
-        self.keys: list[tuple[int, int]] = []
+        self.indices, self.seed = torch.zeros(0, dtype=torch.long), 0
 
-    def set_epoch(self, keys: list[tuple[int, int]]) -> None:
-        """The keys of the next pass."""
-        self.keys = keys
+    def set_epoch(self, indices: torch.Tensor, seed: int) -> None:
+        """The sample indices of the next pass, in order, and their epoch's seed."""
+        self.indices, self.seed = indices, seed
 
     def __iter__(self):
-        return iter(self.keys)
+        return ((int(i), self.seed) for i in self.indices.numpy())
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.indices)
 
 
 # Persistent loaders, keyed by (id(split), training?, batch size, loader settings, device type); an entry dies
@@ -259,9 +260,10 @@ def unreadable(split: FileSplit, index: int) -> UserError:
                      f"epoch's checkpoint is kept), or remove it and start over")
 
 
-def _loader_batches(loader, keys: list, split, info: DatasetInfo, device: torch.device):
-    """Yield the batches of ``loader`` visiting ``keys``, on ``device`` and normalized; stop at an unreadable file."""
-    loader.sampler.set_epoch(keys)
+def _loader_batches(loader, indices: torch.Tensor, seed: int, split, info: DatasetInfo, device: torch.device):
+    """Yield the batches of ``loader`` visiting ``indices`` with the epoch's ``seed``, on ``device`` and
+    normalized; stop at an unreadable file."""
+    loader.sampler.set_epoch(indices, seed)
     for x, y, idx, ok in loader:
         if not ok.all():
             raise unreadable(split, int(idx[~ok][0]))
@@ -289,7 +291,7 @@ def eval_batches(split: Split | FileSplit, info: DatasetInfo, batch_size: int, d
     begin, end = rank * n // world_size, (rank + 1) * n // world_size
     if isinstance(split, FileSplit):
         loader = _loader(split, info, False, batch_size, device, num_workers, prefetch_factor, persistent_workers)
-        yield from _loader_batches(loader, [(i, 0) for i in range(begin, end)], split, info, device)
+        yield from _loader_batches(loader, torch.arange(begin, end), 0, split, info, device)
         return
     images, labels = _on_device(split, device)
     for start in range(begin, end, batch_size):

@@ -6,7 +6,8 @@ horizontal flip; evaluation resizes the shorter side to ``round(crop * 256 / 224
 image, and a JPEG is first decoded at the largest power-of-two reduction (1/2, 1/4, 1/8; ``Image.draft``,
 which libjpeg does in the DCT domain) that keeps that box at least ``crop`` pixels on each side. The
 decoder was chosen by measurement against full Pillow decoding and ``torchvision.io.decode_image`` with
-``transforms.v2`` (``bench/loader_bench.py``, figures in docs/IMAGENET.md).
+``transforms.v2`` (``bench/loader_bench.py``, figures in docs/IMAGENET.md): the latter is faster at 224 px
+on 500x375 JPEGs, but torchvision 0.29 deprecates its image decoding for removal (superseded by TorchCodec).
 
 Every random draw of a sample comes from torch's global generator seeded by the epoch's seed and the
 sample's index (``seeded``): an epoch's images do not depend on the number of workers, and a resumed
