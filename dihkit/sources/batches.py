@@ -256,8 +256,8 @@ def _loader(split, info, train: bool, batch_size: int, device: torch.device, wor
 def unreadable(split: FileSplit, index: int) -> UserError:
     """The error of an image file that cannot be decoded in the middle of a pass."""
     return UserError(f"Cannot read image {split.path(index)}: it is missing, truncated or not an image file; "
-                     f"replace it with a readable copy under the same name and rerun with --resume (the last "
-                     f"epoch's checkpoint is kept), or remove it and start over")
+                     f"replace it with a readable copy under the same name and rerun with --resume (it continues "
+                     f"from the last finished epoch, if any), or remove it and start over")
 
 
 def _loader_batches(loader, indices: torch.Tensor, seed: int, split, info: DatasetInfo, device: torch.device):
