@@ -1,13 +1,16 @@
 """Datasets held in memory as uint8 tensors: the one entry point the rest of the toolkit imports.
 
 Every source (CIFAR, Tiny-ImageNet, a folder of images, a generated toy set) ends up as the same
-``DataBundle`` of uint8 ``(N, 3, H, W)`` tensors, so the rest of the toolkit never sees file formats.
-This module chooses the source, holds out the validation split and the training subset, and identifies
-the data a run used; the work itself lives in modules named after what they hold:
+``DataBundle`` of uint8 ``(N, 3, H, W)`` tensors, so the rest of the toolkit never sees file formats;
+ImageNet, and an image folder too large for memory, stay files (``FileSplit``) decoded per batch, behind
+the same batch iterators. This module chooses the source, holds out the validation split and the training
+subset, and identifies the data a run used; the work itself lives in modules named after what they hold:
 
-- ``data_types``: ``DatasetInfo``, ``Split``, ``DataBundle``;
+- ``data_types``: ``DatasetInfo``, ``Split``, ``FileSplit``, ``DataBundle``;
 - ``data_sources``: CIFAR-10/100, Tiny-ImageNet (with its download) and image-folder trees;
+- ``image_trees``: ImageNet's layout, and whether a tree is held in memory or streamed (the memory budget);
 - ``decode_cache``: decoding image files, and the optional cache of the decoded arrays;
+- ``image_stream``: decoding and cropping one file per sample (the streaming path);
 - ``synthetic_data``: the generated ``synthetic`` dataset;
 - ``batches``: normalisation, augmentation and the training / evaluation batch iterators;
 - ``normalization``: the published mean/std tables ``--normalization`` chooses from.
@@ -22,21 +25,24 @@ import os
 
 import torch
 
-from dihkit.sources.batches import PAD, PADDINGS, augment_batch, draw_augment_params, eval_batches, normalize, train_batches
-from dihkit.sources.data_sources import CIFAR, cifar_info, load_cifar, load_imagefolder, load_tiny_imagenet, tiny_imagenet_info
-from dihkit.sources.data_types import DataBundle, DatasetInfo, Split
+from dihkit.sources.batches import (PAD, PADDINGS, augment_batch, draw_augment_params, eval_batches, normalize,
+                                    train_batches)
+from dihkit.sources.data_sources import (CIFAR, cifar_info, load_cifar, load_imagefolder, load_tiny_imagenet,
+                                         tiny_imagenet_info)
+from dihkit.sources.data_types import DataBundle, DatasetInfo, FileSplit, Split
 from dihkit.sources.decode_cache import default_cache_dir
 from dihkit.sources.normalization import NORMALIZATIONS, normalized
 from dihkit.foundations.errors import UserError
+from dihkit.sources.image_trees import TREES, MemoryBudget, load_image_tree, memory_budget
 from dihkit.sources.synthetic_data import load_synthetic, synthetic_info
 
 __all__ = [
-    "DATASET_NAMES", "NORMALIZATIONS", "PAD", "PADDINGS", "DataBundle", "DatasetInfo", "Split", "augment_batch", "data_fingerprint",
-    "default_cache_dir", "draw_augment_params", "eval_batches", "known_info", "load_data", "normalize", "normalized",
-    "train_batches",
+    "DATASET_NAMES", "NORMALIZATIONS", "PAD", "PADDINGS", "DataBundle", "DatasetInfo", "FileSplit", "MemoryBudget",
+    "Split", "augment_batch", "data_fingerprint", "default_cache_dir", "draw_augment_params", "eval_batches",
+    "known_info", "load_data", "memory_budget", "normalize", "normalized", "train_batches",
 ]
 
-DATASET_NAMES = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder", "synthetic")
+DATASET_NAMES = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder", "imagenet", "synthetic")
 
 _VAL_SEED = 0
 _SUBSET_SEED = 1
@@ -45,14 +51,18 @@ _FINGERPRINT_SAMPLES = 1 << 22
 
 
 def load_data(name: str, data_dir: str, val_size: int = 0, download: bool = True, train_subset: int = 0,
-              *, cache_dir: str | os.PathLike | None = None) -> DataBundle:
-    """Load dataset ``name`` from ``data_dir`` into memory, optionally holding out ``val_size`` training samples.
+              *, cache_dir: str | os.PathLike | None = None, stream: str = "auto", crop_size: int | None = None,
+              budget: MemoryBudget | None = None) -> DataBundle:
+    """Load dataset ``name`` from ``data_dir``, optionally holding out ``val_size`` training samples.
 
     ``download`` allows fetching CIFAR or Tiny-ImageNet when they are missing. The validation split is
     class-balanced and drawn with a fixed seed, so it is the same for every run seed and every method.
     ``train_subset`` > 0 then keeps a class-balanced subset of that many training samples (smoke tests,
     budgets), also by a fixed seed. ``cache_dir`` keeps the decoded images of Tiny-ImageNet and image
     folders there (see ``default_cache_dir``) so the next load skips decoding; ``None`` writes no cache.
+    ImageNet and image folders are streamed (``image_trees``): always for ImageNet, for an image folder when
+    ``stream`` is ``"yes"``, or ``"auto"`` and its decoded images exceed ``budget``; ``crop_size`` is then
+    the streamed crop. The bundle's ``held`` says how the images are held and why.
     """
     if name not in DATASET_NAMES:
         raise UserError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}.")
@@ -60,17 +70,28 @@ def load_data(name: str, data_dir: str, val_size: int = 0, download: bool = True
         raise UserError(f"val_size must be zero or positive, got {val_size}.")
     if train_subset < 0:
         raise UserError(f"--train_subset must be zero or positive, got {train_subset}.")
+    if name not in TREES and (stream == "yes" or crop_size is not None):
+        raise UserError(f"{'--data_path stream' if stream == 'yes' else '--crop_size'} is for image files "
+                        f"streamed per batch, and {name} is held in memory; use it with --dataset imagenet or "
+                        f"imagefolder")
+    held = ""
     if name in CIFAR:
         info, train, test = load_cifar(name, data_dir, download)
     elif name == "tiny-imagenet":
         info, train, test = load_tiny_imagenet(data_dir, download, cache_dir)
-    elif name == "imagefolder":
-        info, train, test = load_imagefolder(data_dir, cache_dir)
+    elif name in TREES:
+        info, train, test, held = load_image_tree(name, data_dir, cache_dir, stream, crop_size, budget)
     else:
         info, train, test = load_synthetic()
     train, val = _hold_out(train, info.num_classes, val_size)
     train = _train_subset(train, info.num_classes, train_subset)
-    return DataBundle(info=info, train=train, val=val, test=test)
+    return DataBundle(info=info, train=train, val=val, test=test, held=held or _in_memory(train, test))
+
+
+def _in_memory(train: Split, test: Split) -> str:
+    """How a dataset held in memory is held, in words."""
+    count, (height, width) = len(train) + len(test), train.images.shape[-2:]
+    return f"in memory ({count:,} images of {width}x{height})"
 
 
 def known_info(name: str) -> DatasetInfo | None:
@@ -79,7 +100,8 @@ def known_info(name: str) -> DatasetInfo | None:
     Enough to build a model (``--summary``) before any data is downloaded. CIFAR's class names are the
     published ones; Tiny-ImageNet's ``classes`` is empty because its wnids come from the dataset's own
     wnids.txt. For ``synthetic`` the result equals what ``load_data`` returns. An image folder's classes,
-    size and statistics depend on its files, and an unknown name has no info: both give ``None``.
+    size and statistics depend on its files, as an ImageNet folder's classes (its wnid folders) and crop
+    do, and an unknown name has no info: all give ``None``.
     """
     if name in CIFAR:
         return cifar_info(name)
@@ -96,7 +118,9 @@ def data_fingerprint(bundle: DataBundle) -> str:
     Hashes the dataset's name and classes, each split's shape and labels, and a fixed strided sample of
     its pixels that touches every image. Another data folder or changed contents, another
     ``train_subset`` or ``val_size`` all give another value; loading the same data again gives the
-    same one. Takes milliseconds for CIFAR's 50k images, so a resume can afford to check it.
+    same one. Takes milliseconds for CIFAR's 50k images, so a resume can afford to check it. A streamed
+    split is identified by its files' names and labels (and the crop, in ``info``): a file replaced under
+    the same name keeps the value.
     """
     info = bundle.info
     digest = hashlib.sha1(b"dih data fingerprint 1\n")
@@ -105,9 +129,11 @@ def data_fingerprint(bundle: DataBundle) -> str:
         if split is None:
             digest.update(f"{role}: none\n".encode())
             continue
-        digest.update(f"{role}: {tuple(split.images.shape)}\n".encode())
+        streamed = isinstance(split, FileSplit)
+        digest.update(f"{role}: {f'{len(split)} files' if streamed else tuple(split.images.shape)}\n".encode())
         digest.update(split.labels.to(torch.int64).contiguous().numpy().tobytes())
-        digest.update(_pixel_sample(split.images).numpy().tobytes())
+        # Streamed: the files' names, not their pixels (reading a million files would take minutes).
+        digest.update(b"\n".join(split.files.tolist()) if streamed else _pixel_sample(split.images).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -134,7 +160,7 @@ def _hold_out(train: Split, num_classes: int, val_size: int) -> tuple[Split, Spl
     if val_size == 0:
         return train, None
     keep, held = _split_per_class(train, num_classes, val_size, "--val_size", _VAL_SEED)
-    return _subset(train, keep), _subset(train, held)
+    return train.subset(keep), train.subset(held)
 
 
 def _train_subset(train: Split, num_classes: int, size: int) -> Split:
@@ -142,7 +168,7 @@ def _train_subset(train: Split, num_classes: int, size: int) -> Split:
     if size == 0:
         return train
     _, chosen = _split_per_class(train, num_classes, size, "--train_subset", _SUBSET_SEED)
-    return _subset(train, chosen.sort().values)
+    return train.subset(chosen.sort().values)
 
 
 def _split_per_class(train: Split, num_classes: int, size: int, flag: str, seed: int):
@@ -167,6 +193,3 @@ def _split_per_class(train: Split, num_classes: int, size: int, flag: str, seed:
     return (~chosen).nonzero().squeeze(1), chosen.nonzero().squeeze(1)
 
 
-def _subset(split: Split, index: torch.Tensor) -> Split:
-    """A new split holding ``split``'s samples at ``index``, in that order."""
-    return Split(images=split.images[index].contiguous(), labels=split.labels[index].contiguous())

@@ -16,7 +16,7 @@ from dihkit.console.console_flags import build_parser, resolve_defaults
 from dihkit.console.model_names import resolve_models
 from dihkit.foundations.recipes import DIH_MILESTONES
 from dihkit.console.recipe_flags import parse_command
-from dihkit.console.devices import configure_backends, resolve_data_path, resolve_device, resolve_speed
+from dihkit.console.devices import configure_backends, resolve_device, resolve_speed, settle_data_path
 from dihkit.runs.distributed import from_env
 from dihkit.foundations.errors import UserError
 from dihkit.console.evaluate_checkpoint import evaluate_saved
@@ -55,14 +55,19 @@ def make_settings(args) -> Settings:
     return settings_from_flags(vars(args), t.settings, t.result_keys)
 
 
-def load_data(cfg: Settings, data_cache: dict | None) -> dataload.DataBundle:
-    """The command's dataset, from ``data_cache`` (the pipeline's steps share one load) when it holds it."""
+def load_data(cfg: Settings, data_cache: dict | None, dist) -> dataload.DataBundle:
+    """The command's dataset, from ``data_cache`` (the pipeline's steps share one load) when it holds it.
+
+    An image folder is streamed when its decoded images exceed the memory budget of each of the node's processes.
+    """
     d = cfg.data
-    key = (d.dataset, d.data_dir, d.val_size, d.train_subset)
+    stream = {"auto": "auto", "stream": "yes"}.get(d.data_path, "no")
+    key = (d.dataset, d.data_dir, d.val_size, d.train_subset, stream, d.crop_size)
     data = data_cache.get(key) if data_cache is not None else None
     if data is None:
         data = dataload.load_data(d.dataset, d.data_dir, d.val_size, train_subset=d.train_subset,
-                                  cache_dir=d.cache_dir)
+                                  cache_dir=d.cache_dir, stream=stream, crop_size=d.crop_size,
+                                  budget=dataload.memory_budget(dist.local_world_size))
         if data_cache is not None:
             data_cache[key] = data
     return replace(data, info=dataload.normalized(data.info, d.normalization))
@@ -105,14 +110,14 @@ def run(argv=None, data_cache: dict | None = None) -> int:
             raise UserError("--concurrent_seeds starts processes of its own; launch it without torchrun")
         print_summary(run_concurrently(t, argv, outputs, args.concurrent_seeds), seeds)
         return 0
-    data = load_data(cfg, data_cache)
+    data = load_data(cfg, data_cache, dist)
     distributed.check_world(dist, data, cfg.data.batch_size, device, cfg.run.sync_bn)
     # Claimed before the process group forms: rank 0 refused there exits, and torchrun stops the other ranks.
     with claim, distributed.process_group(dist, device, args.dist_timeout):
-        # Ranks must agree: the two data paths draw differently from the shared data generator.
-        choice = resolve_data_path(cfg.data.data_path, data, device)
-        cfg = replace(cfg, data=replace(cfg.data, data_path="device" if dist.all_true(choice == "device") else "loader"))
-        run_seeds(t.run if t else evaluate_saved, cfg, outputs, dist, device, data)
+        data_cfg, line = settle_data_path(cfg.data, data, device, dist)
+        if dist.is_main:
+            print(line, flush=True)
+        run_seeds(t.run if t else evaluate_saved, replace(cfg, data=data_cfg), outputs, dist, device, data)
     return 0
 
 

@@ -9,7 +9,6 @@ import os
 import sys
 import time
 from dataclasses import replace
-from itertools import islice
 
 import torch
 from torch import nn
@@ -296,12 +295,12 @@ class Trainer:
         lr = self.opt.param_groups[0]["lr"]
         self.method.train()
         batches = dataload.train_batches(ctx.data.train, ctx.info, data.batch_size, self.device, self.generator,
-                                         data.data_path, data.num_workers, dist.rank, dist.world_size,
-                                         data.crop_padding)
+                                         data.data_path, rank=dist.rank, world_size=dist.world_size, skip=skip,
+                                         padding=data.crop_padding, **data.loader_options())
         total = num_train_batches(len(ctx.data.train), data.batch_size, dist.world_size)
         with EpochProgress(f"{self.phase} {epoch + 1}/{self.cfg.epochs}", total, skip, dist.is_main,
                            dist.world_size) as progress:
-            for b, (x, y, idx) in enumerate(islice(batches, skip, None), start=skip):
+            for b, (x, y, idx) in enumerate(batches, start=skip):
                 first_bad = self.step(x, y, idx, b, sums, first_bad, progress)
                 stopping = stop.requested(b)
                 refresh = progress.due() or stopping

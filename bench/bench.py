@@ -272,17 +272,22 @@ def run(opts) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    """Parse, run, print, and write the JSON."""
-    opts = parse_args(argv)
-    result = run(opts)
-    print_report(result)
+def command_line(argv, parse, measure, report) -> int:
+    """A bench's command line: ``parse`` the flags, ``measure``, ``report`` the record, write it as JSON to ``--out``."""
+    opts = parse(argv)
+    result = measure(opts)
+    report(result)
     if opts.out:
         out = Path(opts.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {out}")
     return 0
+
+
+def main(argv=None) -> int:
+    """Parse, run, print, and write the JSON."""
+    return command_line(argv, parse_args, run, print_report)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def test_known_info_needs_no_files(monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("known_info loaded a dataset")
 
-    for loader in ("load_cifar", "load_tiny_imagenet", "load_imagefolder", "load_synthetic"):
+    for loader in ("load_cifar", "load_tiny_imagenet", "load_image_tree", "load_synthetic"):
         monkeypatch.setattr(dataload, loader, no_loading)
     cifar10, cifar100, tiny = known_info("cifar10"), known_info("cifar100"), known_info("tiny-imagenet")
     assert (cifar10.num_classes, cifar10.image_size, cifar10.classes[0], cifar10.classes[-1]) == (10, 32, "airplane", "truck")
@@ -74,7 +74,7 @@ def test_known_info_needs_no_files(monkeypatch):
     assert (tiny.num_classes, tiny.image_size, tiny.classes) == (200, 64, ())
     assert tiny.mean == (0.4802, 0.4481, 0.3975) and tiny.std == (0.2770, 0.2691, 0.2821)
     assert known_info("synthetic").num_classes == 10
-    assert known_info("imagefolder") is None and known_info("mnist") is None
+    assert known_info("imagefolder") is None and known_info("imagenet") is None and known_info("mnist") is None
 
 
 # ----------------------------------------------------------------------------------------------------

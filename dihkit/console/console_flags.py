@@ -50,7 +50,13 @@ DATA_FLAGS = (
     flag("--train_subset", type=int, default=0, range=Range(0),
          help="train on a class-balanced subset of this many training images (0: all)"),
     flag("--batch_size", type=int, default=64, range=Range(1), help="batch size (per process under torchrun)"),
-    flag("--num_workers", type=int, default=2, range=Range(0), help="loader workers (--data_path loader only)"),
+    flag("--num_workers", type=int, default=None, range=Range(0),
+         help="DataLoader worker processes per training process on the loader and stream paths (default: 2 on "
+              "loader; on stream this process's share of the CPU cores less one, at most 16)"),
+    flag("--prefetch_factor", type=int, default=2, range=Range(1),
+         help="batches each loader worker prepares ahead (loader and stream paths)"),
+    flag("--persistent_workers", type=parse_bool, default=True,
+         help="keep the loader workers alive from one epoch to the next (True/False)"),
     flag("--cache_dir", default=None,
          help="where decoded image folders and Tiny-ImageNet are cached between runs (default: "
               "$XDG_CACHE_HOME/dih-toolkit, else ~/.cache/dih-toolkit)"),
@@ -62,9 +68,15 @@ DATA_FLAGS = (
     flag("--crop_padding", default="zeros", choices=list(dataload.PADDINGS),
          help="padding of the 4-pixel random crop: zeros (as torchvision's RandomCrop pads) or reflect (the border mirrored, "
               "as the DIH authors' tuned code does)"),
-    flag("--data_path", default="auto", choices=["auto", "device", "loader"],
+    flag("--data_path", default="auto", choices=["auto", "device", "loader", "stream"],
          help="device: whole dataset on the training device, augmented there; loader: torchvision "
-              "DataLoader; auto: device when it fits in memory"),
+              "DataLoader over the decoded images; stream: image files decoded per batch in loader workers "
+              "(imagenet always; docs/IMAGENET.md); auto: stream an image folder whose decoded images exceed "
+              "half the memory, else device when it fits in the device's memory, else loader"),
+    flag("--crop_size", type=int, default=None, range=Range(8),
+         help="the stream path's crop: RandomResizedCrop for training, resize to crop*256/224 and centre crop "
+              "for evaluation (default: 224 for imagenet; a streamed imagefolder: its first image's shorter "
+              "side, at most 224)"),
 )
 OPTIM_FLAGS = (
     flag("--epochs", type=int, default=200, range=Range(1), help="training epochs"),

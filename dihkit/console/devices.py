@@ -7,7 +7,8 @@ import torch
 
 import dataload
 from dihkit.foundations.errors import UserError
-from dihkit.foundations.settings import RunSettings
+from dihkit.foundations.settings import DataSettings, RunSettings
+from dihkit.runs.distributed import Dist, SharedUserError
 
 
 def resolve_device(gpu_id: str | None, local_rank: int = 0) -> torch.device:
@@ -41,14 +42,57 @@ def configure_backends(deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def resolve_data_path(choice: str, data: dataload.DataBundle, device: torch.device) -> str:
-    """``auto`` becomes ``device`` when the training images fit comfortably in the device's memory."""
+def resolve_data_path(choice: str, data: dataload.DataBundle, device: torch.device) -> tuple[str, str]:
+    """(data path, why): ``stream`` for streamed data; ``auto`` becomes ``device`` when the training images fit
+    comfortably in the device's memory, else ``loader``."""
+    if data.streamed:
+        return "stream", "the images stay in their files"
     if choice != "auto":
-        return choice
+        return choice, f"--data_path {choice}"
     if device.type != "cuda":
-        return "device"
+        return "device", "auto: the training device is the CPU"
     free, _ = torch.cuda.mem_get_info(device)
-    return "device" if data.train.images.numel() < free // 4 else "loader"
+    fits = data.train.images.numel() < free // 4
+    return ("device", "auto: within a quarter of the GPU's free memory") if fits else (
+        "loader", "auto: more than a quarter of the GPU's free memory")
+
+
+# A GPU step of an ImageNet network needs several decoding workers (docs/IMAGENET.md); beyond 16 per GPU
+# the workers' memory grows and the gain does not.
+MAX_STREAM_WORKERS = 16
+LOADER_WORKERS = 2
+
+
+def loader_workers(requested: int | None, path: str, processes_on_node: int) -> int:
+    """``--num_workers``, or its default for ``path``: 2 on ``loader``; on ``stream`` this process's share of
+    the CPU cores it may run on, less one for itself, between 1 and ``MAX_STREAM_WORKERS``."""
+    if requested is not None:
+        return requested
+    if path != "stream":
+        return LOADER_WORKERS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_STREAM_WORKERS, cores // max(processes_on_node, 1) - 1))
+
+
+def settle_data_path(data_cfg: DataSettings, data: dataload.DataBundle, device: torch.device,
+                     dist: Dist) -> tuple[DataSettings, str]:
+    """The run's data path and loader workers, the same on every rank, and the line that says which and why.
+
+    Ranks must agree: the data paths draw differently from the shared data generator.
+    """
+    if dist.any_true(data.streamed) != dist.all_true(data.streamed):
+        raise SharedUserError("some processes stream the images and some hold them in memory (their nodes differ "
+                              "in memory); choose for all with --data_path stream, device or loader")
+    path, why = resolve_data_path(data_cfg.data_path, data, device)
+    if path != "stream" and dist.all_true(path == "device") != (path == "device"):
+        path, why = "loader", "another process's GPU has not the room for the device path"
+    workers = loader_workers(data_cfg.num_workers, path, dist.local_world_size)
+    settled = replace(data_cfg, data_path=path, num_workers=workers)
+    line = f"data: {data.info.name}, {data.held}; batches: {path} ({why})"
+    if path != "device":
+        line += (f"; loader workers per process: {workers}, prefetch {data_cfg.prefetch_factor}, "
+                 f"{'persistent' if data_cfg.persistent_workers else 'restarted every epoch'}")
+    return settled, line
 
 
 def native_bfloat16() -> str | None:

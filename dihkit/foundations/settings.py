@@ -21,17 +21,28 @@ class OptimSettings:
 
 @dataclass(frozen=True)
 class DataSettings:
-    """Which data, and how batches are made."""
+    """Which data, and how batches are made.
+
+    ``num_workers`` is None until the console resolves it for the run's data path (``devices``).
+    """
     dataset: str
     data_dir: str
     val_size: int
     train_subset: int
     batch_size: int
-    num_workers: int
+    num_workers: int | None
     data_path: str
     cache_dir: str | None = None
     normalization: str = "dih"           # the mean/std table (dataload.NORMALIZATIONS)
     crop_padding: str = "zeros"          # the random crop's padding (dataload.PADDINGS)
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
+    crop_size: int | None = None          # the streamed crop (None: the dataset's default)
+
+    def loader_options(self) -> dict:
+        """The DataLoader settings the batch iterators take (``dataload.train_batches``, ``eval_batches``)."""
+        return {"num_workers": self.num_workers or 0, "prefetch_factor": self.prefetch_factor,
+                "persistent_workers": self.persistent_workers}
 
 
 @dataclass(frozen=True)

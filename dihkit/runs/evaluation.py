@@ -14,7 +14,7 @@ def evaluate_outputs(fn, split: dataload.Split, ctx: RunContext) -> dict:
     total = torch.zeros((), device=ctx.device)
     k = min(5, ctx.info.num_classes)
     for x, y, _ in dataload.eval_batches(split, ctx.info, max(256, ctx.cfg.data.batch_size), ctx.device,
-                                         ctx.dist.rank, ctx.dist.world_size):
+                                         ctx.dist.rank, ctx.dist.world_size, **ctx.cfg.data.loader_options()):
         with ctx.eval_autocast():
             outs = fn(x)
         if counts is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dihkit.sources.data_types import DatasetInfo, Split, channel_stats
+from dihkit.sources.data_types import DatasetInfo, ImageTree, Split, channel_stats
 from dihkit.sources.decode_cache import decode_splits
 from dihkit.foundations.errors import UserError
 
@@ -221,24 +221,30 @@ def _fetch_tiny_imagenet(data_dir: str, download: bool) -> None:
 # Image folders
 
 
-def load_imagefolder(data_dir: str, cache_dir) -> tuple[DatasetInfo, Split, Split]:
-    """Read ``data_dir/{train,test}/<class>/<image>``; size and normalisation come from the images."""
+def list_image_tree(data_dir: str, test_name: str = "test") -> ImageTree:
+    """List ``data_dir/{train,<test_name>}/<class>/<image>``: classes in sorted folder order, files by name."""
     root = Path(data_dir)
-    train_root, test_root = root / "train", root / "test"
+    train_root, test_root = root / "train", root / test_name
     classes = _imagefolder_classes(root, train_root, test_root)
     train_files, train_labels = _gather(train_root, classes, require_each=True)
     test_files, test_labels = _gather(test_root, classes, require_each=False)
     if not test_files:
         raise UserError(f"{test_root} contains no images.")
-    train, test = decode_splits(root, train_files, train_labels, test_files, test_labels, classes, cache_dir)
+    return ImageTree(str(root), classes, train_files, train_labels, test_files, test_labels)
+
+
+def load_imagefolder(tree: ImageTree, cache_dir) -> tuple[DatasetInfo, Split, Split]:
+    """Decode a listed ``data_dir/{train,test}`` tree into memory; size and normalisation come from the images."""
+    train, test = decode_splits(Path(tree.root), tree.train_files, tree.train_labels, tree.test_files,
+                                tree.test_labels, tree.classes, cache_dir)
     mean, std = channel_stats(train.images)
     info = DatasetInfo(
         name="imagefolder",
-        num_classes=len(classes),
+        num_classes=len(tree.classes),
         image_size=int(train.images.shape[-1]),
         mean=mean,
         std=std,
-        classes=classes,
+        classes=tree.classes,
     )
     return info, train, test
 

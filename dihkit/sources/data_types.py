@@ -1,14 +1,18 @@
-"""The three types every data source produces and every consumer reads: ``DatasetInfo``, ``Split``, ``DataBundle``.
+"""The types every data source produces and every consumer reads: ``DatasetInfo``, ``Split`` (decoded, in
+memory), ``FileSplit`` (image files, decoded per batch: the streaming path), ``DataBundle``, and the
+``ImageTree`` a folder of class folders is listed into.
 
-They live in their own small module so that the sources (``data_sources``, ``synthetic_data``), the
-batch iterators (``batches``) and the entry point (``dataload``, which re-exports them) can all use them
-without importing each other in a circle.
+They live in their own small module so that the sources (``data_sources``, ``streamed_sources``,
+``synthetic_data``), the batch iterators (``batches``, ``image_stream``) and the entry point (``dataload``,
+which re-exports them) can all use them without importing each other in a circle.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -35,15 +39,67 @@ class Split:
         """Number of samples in the split."""
         return int(self.labels.shape[0])
 
+    def subset(self, index: torch.Tensor) -> Split:
+        """A new split holding this split's samples at ``index``, in that order."""
+        return Split(images=self.images[index].contiguous(), labels=self.labels[index].contiguous())
+
+
+@dataclass
+class FileSplit:
+    """One split kept as image files under ``root``, decoded per batch (``image_stream``): the streaming path.
+
+    ``files`` holds the paths relative to ``root`` as one numpy array of bytes rather than a list of str:
+    DataLoader workers forked from the main process then share it, where a list's reference counts would
+    make every worker copy the pages it touches (a million paths are about 100 MB).
+    """
+
+    root: str
+    files: np.ndarray
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        """Number of images in the split."""
+        return int(self.labels.shape[0])
+
+    def path(self, i: int) -> str:
+        """The file of image ``i``."""
+        return os.path.join(self.root, self.files[i].decode())
+
+    def subset(self, index: torch.Tensor) -> FileSplit:
+        """A new split holding this split's images at ``index``, in that order."""
+        return FileSplit(self.root, self.files[index.numpy()], self.labels[index].contiguous())
+
 
 @dataclass
 class DataBundle:
-    """All splits of one dataset; ``val`` is ``None`` unless a validation hold-out was requested."""
+    """All splits of one dataset; ``val`` is ``None`` unless a validation hold-out was requested.
+
+    ``held`` says in words how the images are held and why (in memory, or streamed from their files);
+    the console prints it among a run's first lines.
+    """
 
     info: DatasetInfo
-    train: Split
-    val: Split | None
-    test: Split
+    train: Split | FileSplit
+    val: Split | FileSplit | None
+    test: Split | FileSplit
+    held: str = ""
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the images stay in their files and are decoded per batch."""
+        return isinstance(self.train, FileSplit)
+
+
+@dataclass(frozen=True)
+class ImageTree:
+    """A folder of class folders, listed: the class names, and each split's image paths and labels, class by class."""
+
+    root: str
+    classes: tuple[str, ...]
+    train_files: list[str]
+    train_labels: list[int]
+    test_files: list[str]
+    test_labels: list[int]
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
