@@ -8,6 +8,7 @@ import dataload
 from dihkit.console.console_flags import resolve_teacher
 from dihkit.foundations.flags import given
 from dihkit.runs.distributed import from_env
+from dihkit.sources.image_trees import DEFAULT_CROP
 from models_repo.names import resolution_line, resolve_name
 
 # The flags that name a registry model.
@@ -30,11 +31,14 @@ def folder_image_size(data_dir) -> int | None:
     return None
 
 
-def dataset_image_size(dataset: str, data_dir) -> int | None:
-    """The image size the command's dataset will have, known before it is loaded (None: unknown)."""
+def dataset_image_size(dataset: str, data_dir, crop_size: int | None = None) -> int | None:
+    """The image size the command's dataset will have, known before it is loaded (None: unknown): a built-in
+    dataset's, else the streamed crop (``--crop_size``; ImageNet's default 224), else an image folder's."""
     known = dataload.known_info(dataset)
     if known is not None:
         return known.image_size
+    if crop_size is not None or dataset == "imagenet":
+        return crop_size or DEFAULT_CROP
     return folder_image_size(data_dir) if dataset == "imagefolder" else None
 
 
@@ -44,7 +48,7 @@ def resolve_models(args) -> None:
     architecture its file records (or the default)."""
     teacher_typed = given(args, "teacher")
     resolve_teacher(args)
-    size = dataset_image_size(args.dataset, args.data_dir)
+    size = dataset_image_size(args.dataset, args.data_dir, args.crop_size)
     changed = []
     for dest in MODEL_FLAGS:
         if not hasattr(args, dest) or (dest == "teacher" and not teacher_typed):
