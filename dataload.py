@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import nullcontext
 
 import torch
 
 from dihkit.sources.batches import PAD, augment_batch, draw_augment_params, eval_batches, normalize, train_batches
 from dihkit.sources.data_sources import CIFAR, cifar_info, load_cifar, load_imagefolder, load_tiny_imagenet, tiny_imagenet_info
 from dihkit.sources.data_types import DataBundle, DatasetInfo, Split
-from dihkit.sources.decode_cache import default_cache_dir
+from dihkit.sources.decode_cache import default_cache_dir, writes_held
 from dihkit.foundations.errors import UserError
 from dihkit.sources.synthetic_data import load_synthetic, synthetic_info
 
@@ -43,7 +44,7 @@ _FINGERPRINT_SAMPLES = 1 << 22
 
 
 def load_data(name: str, data_dir: str, val_size: int = 0, download: bool = True, train_subset: int = 0,
-              *, cache_dir: str | os.PathLike | None = None) -> DataBundle:
+              *, cache_dir: str | os.PathLike | None = None, cache_read_only: bool = False) -> DataBundle:
     """Load dataset ``name`` from ``data_dir`` into memory, optionally holding out ``val_size`` training samples.
 
     ``download`` allows fetching CIFAR or Tiny-ImageNet when they are missing. The validation split is
@@ -51,6 +52,7 @@ def load_data(name: str, data_dir: str, val_size: int = 0, download: bool = True
     ``train_subset`` > 0 then keeps a class-balanced subset of that many training samples (smoke tests,
     budgets), also by a fixed seed. ``cache_dir`` keeps the decoded images of Tiny-ImageNet and image
     folders there (see ``default_cache_dir``) so the next load skips decoding; ``None`` writes no cache.
+    ``cache_read_only`` reads a cache but writes none: the bundle holds the write (``write_held_cache``).
     """
     if name not in DATASET_NAMES:
         raise UserError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}.")
@@ -58,17 +60,18 @@ def load_data(name: str, data_dir: str, val_size: int = 0, download: bool = True
         raise UserError(f"val_size must be zero or positive, got {val_size}.")
     if train_subset < 0:
         raise UserError(f"--train_subset must be zero or positive, got {train_subset}.")
-    if name in CIFAR:
-        info, train, test = load_cifar(name, data_dir, download)
-    elif name == "tiny-imagenet":
-        info, train, test = load_tiny_imagenet(data_dir, download, cache_dir)
-    elif name == "imagefolder":
-        info, train, test = load_imagefolder(data_dir, cache_dir)
-    else:
-        info, train, test = load_synthetic()
+    with writes_held() if cache_read_only else nullcontext([]) as held:
+        if name in CIFAR:
+            info, train, test = load_cifar(name, data_dir, download)
+        elif name == "tiny-imagenet":
+            info, train, test = load_tiny_imagenet(data_dir, download, cache_dir)
+        elif name == "imagefolder":
+            info, train, test = load_imagefolder(data_dir, cache_dir)
+        else:
+            info, train, test = load_synthetic()
     train, val = _hold_out(train, info.num_classes, val_size)
     train = _train_subset(train, info.num_classes, train_subset)
-    return DataBundle(info=info, train=train, val=val, test=test)
+    return DataBundle(info=info, train=train, val=val, test=test, held_writes=held)
 
 
 def known_info(name: str) -> DatasetInfo | None:

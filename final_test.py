@@ -8,6 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 import dataload
 from dihkit.runs import distributed
 from dihkit.results import pipeline
@@ -26,7 +28,7 @@ from dihkit.runs.run_outputs import check_output_text, console_command
 from dihkit.runs.run_state import Interrupted
 from dihkit.console.concurrent_seeds import run_concurrently
 from dihkit.console.seed_runs import check_before_data, default_output, print_summary, run_seeds, seed_outputs
-from dihkit.foundations.settings import Settings, settings_from_flags
+from dihkit.foundations.settings import Settings, settings_from_flags, with_resolved
 from train_funcs import NonFiniteLoss
 
 
@@ -51,7 +53,28 @@ def make_settings(args) -> Settings:
     t = REGISTRY.get(args.training_type)
     if t is None:  # the test mode: no training type's own settings
         return settings_from_flags(vars(args))
-    return settings_from_flags(vars(args), t.settings, t.result_keys)
+    return settings_from_flags(vars(args), t.settings)
+
+
+def on_this_machine(cfg: Settings, gpu_id: str | None, dist) -> tuple[Settings, torch.device]:
+    """The run's device, and ``cfg`` with ``auto`` precision and memory format resolved for it, its flags
+    recording what they resolved to (a resume compares those); the first line of output says which."""
+    distributed.check_devices(dist, gpu_id)
+    device = resolve_device(gpu_id, dist.local_rank)
+    configure_backends(cfg.run.deterministic)
+    run_cfg = resolve_speed(cfg.run, device)
+    if dist.is_main:
+        print(f"precision: {run_cfg.speed_reason}", flush=True)
+    return with_resolved(replace(cfg, run=run_cfg), precision=run_cfg.precision,
+                         memory_format=run_cfg.memory_format), device
+
+
+def with_data_path(cfg: Settings, data: dataload.DataBundle, device: torch.device, dist) -> Settings:
+    """``cfg`` with ``--data_path auto`` resolved, the same on every rank (the two data paths draw differently
+    from the shared data generator), its flags recording it."""
+    choice = resolve_data_path(cfg.data.data_path, data, device)
+    path = "device" if dist.all_true(choice == "device") else "loader"
+    return with_resolved(replace(cfg, data=replace(cfg.data, data_path=path)), data_path=path)
 
 
 def load_data(cfg: Settings, data_cache: dict | None) -> dataload.DataBundle:
@@ -60,8 +83,9 @@ def load_data(cfg: Settings, data_cache: dict | None) -> dataload.DataBundle:
     key = (d.dataset, d.data_dir, d.val_size, d.train_subset)
     data = data_cache.get(key) if data_cache is not None else None
     if data is None:
+        # A resume may be on other data: their decode cache is written once its checks pass (train_funcs).
         data = dataload.load_data(d.dataset, d.data_dir, d.val_size, train_subset=d.train_subset,
-                                  cache_dir=d.cache_dir)
+                                  cache_dir=d.cache_dir, cache_read_only=cfg.run.resume)
         if data_cache is not None:
             data_cache[key] = data
     return data
@@ -78,14 +102,8 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     validate(args, parser)
     if args.training_type == "pipeline":
         return pipeline.run_pipeline(args, parser, run)
-    cfg = replace(make_settings(args), command=console_command(argv))
     dist = from_env()
-    distributed.check_devices(dist, args.gpu_id)
-    device = resolve_device(args.gpu_id, dist.local_rank)
-    configure_backends(cfg.run.deterministic)
-    cfg = replace(cfg, run=resolve_speed(cfg.run, device))
-    if dist.is_main:
-        print(f"precision: {cfg.run.speed_reason}", flush=True)
+    cfg, device = on_this_machine(replace(make_settings(args), command=console_command(argv)), args.gpu_id, dist)
     t = REGISTRY.get(cfg.training_type)
     if args.summary:
         trains_teacher = t is None or t.trains == "teacher"
@@ -106,10 +124,7 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     distributed.check_world(dist, data, cfg.data.batch_size, device, cfg.run.sync_bn)
     # Claimed before the process group forms: rank 0 refused there exits, and torchrun stops the other ranks.
     with claim, distributed.process_group(dist, device, args.dist_timeout):
-        # Ranks must agree: the two data paths draw differently from the shared data generator.
-        choice = resolve_data_path(cfg.data.data_path, data, device)
-        cfg = replace(cfg, data=replace(cfg.data, data_path="device" if dist.all_true(choice == "device") else "loader"))
-        run_seeds(t.run if t else evaluate_saved, cfg, outputs, dist, device, data)
+        run_seeds(t.run if t else evaluate_saved, with_data_path(cfg, data, device, dist), outputs, dist, device, data)
     return 0
 
 

@@ -22,9 +22,10 @@ from dihkit.foundations.errors import UserError
 from dihkit.runs.evaluation import evaluate_outputs, headline
 from dihkit.runs.method_contract import Method
 from dihkit.runs.run_context import RunContext
-from dihkit.runs.run_outputs import RunPaths, library_versions, write_json
-from dihkit.runs.run_state import (Interrupted, StopFlag, check_resume_args, check_same_data, cohort_fingerprint,
-                       load_resume_state, rng_state, seed_everything, set_rng_state)
+from dihkit.files.atomic_files import atomic_write_json
+from dihkit.runs.run_outputs import RunPaths, library_versions
+from dihkit.runs.run_state import (Interrupted, StopFlag, check_resume_args, cohort_fingerprint, load_resume_state,
+                                   rng_state, seed_everything, set_rng_state)
 from dihkit.foundations.settings import OptimSettings
 
 
@@ -218,9 +219,7 @@ class Trainer:
 
     def check_state(self, state: dict) -> None:
         """Refuse a checkpoint written with other flags, seed, frozen cohort or training data."""
-        cfg = self.ctx.cfg
-        check_resume_args(state, cfg.flags, cfg.result_keys, self.ctx.seed, self.cohort_id, self.paths.state)
-        check_same_data(state, self.data_id, self.paths.state)
+        check_resume_args(state, self.ctx.cfg.flags, self.ctx.seed, self.cohort_id, self.data_id, self.paths.state)
 
     def resume_or_start(self) -> None:
         """Load the interrupted run's checkpoint under ``--resume``; otherwise announce a fresh start."""
@@ -270,6 +269,7 @@ class Trainer:
     def run(self) -> dict:
         """Every remaining epoch, then the final outputs; returns the result record."""
         self.resume_or_start()
+        self.ctx.data.write_held_cache()  # the resume's checks passed: its data's decode cache may be written
         if self.method.cohort is not None:
             self.record["reference_test"] = evaluate_outputs(self.method.reference, self.ctx.data.test, self.ctx)
             for name, m in self.record["reference_test"].items():
@@ -378,7 +378,7 @@ class Trainer:
             record["replica_fingerprint"] = dist.check_replicas(self.method)
         if dist.is_main:
             self.method.export(paths.final, {**self.meta, "epoch": self.cfg.epochs, "selected_on": "last epoch"})
-            write_json(paths.result, record)
+            atomic_write_json(paths.result, record)
             paths.state.unlink(missing_ok=True)
         dist.barrier()  # the other ranks return once the outputs exist (a next phase or seed may read them)
         return record
@@ -392,9 +392,9 @@ def run_phase(method: Method, ctx: RunContext, paths: RunPaths, cfg: OptimSettin
     """
     if finished:
         record = json.loads(paths.result.read_text())
-        check_resume_args(record, ctx.cfg.flags, ctx.cfg.result_keys, ctx.seed, cohort_fingerprint(method),
-                          paths.result)
-        check_same_data(record, dataload.data_fingerprint(ctx.data), paths.result)
+        check_resume_args(record, ctx.cfg.flags, ctx.seed, cohort_fingerprint(method),
+                          dataload.data_fingerprint(ctx.data), paths.result)
+        ctx.data.write_held_cache()
         ctx.say(f"[{phase}] already complete: '{paths.final}'")
         return record
     return Trainer(method, ctx, paths, cfg, phase, meta).run()

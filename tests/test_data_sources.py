@@ -212,6 +212,21 @@ def test_cache_written_to_cache_dir_only(tmp_path, quiet_home, monkeypatch, caps
     assert not quiet_home.exists()
 
 
+def test_a_read_only_load_writes_its_cache_only_when_told(tmp_path, quiet_home, monkeypatch, capsys):
+    """The mode a --resume loads in until its checks pass: the cache is read but not written; the bundle holds
+    the write, which runs once, and a later load reads what it wrote."""
+    root = build_folder(tmp_path / "data")
+    cache_dir = tmp_path / "cache"
+    held = load_data("imagefolder", str(root), cache_dir=cache_dir, cache_read_only=True)
+    assert not cache_dir.exists() and capsys.readouterr().out == ""
+    held.write_held_cache()
+    held.write_held_cache()  # a second call (a later phase or seed) writes nothing
+    assert len(files_under(cache_dir)) == 1 and capsys.readouterr().out.count("Cached the decoded images") == 1
+    monkeypatch.setattr(decode_cache, "_read_image", lambda path: pytest.fail(f"decoded {path} again"))
+    again = load_data("imagefolder", str(root), cache_dir=cache_dir, cache_read_only=True)
+    assert torch.equal(again.train.images, held.train.images) and again.held_writes == []
+
+
 def test_no_cache_dir_writes_nothing(tmp_path, quiet_home, capsys):
     root = build_folder(tmp_path / "data")
     # A cache file an older version left in the data folder is ignored, not read and not removed.

@@ -94,19 +94,39 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def check_resume_args(state: dict, flags, keys, seed: int, cohort_id: str | None, path: Path) -> None:
-    """Refuse a resume that would change what is trained: a flag of ``keys``, the seed, or the frozen
-    teacher/heads (compared by their weights, whatever file they now come from)."""
+# The flags a resume may change, because none of them changes a number the run computes (docs/RELIABILITY.md).
+# Every other flag the earlier run recorded must be the same, its ``auto`` values as they resolved.
+MAY_CHANGE_ON_RESUME = frozenset({
+    "resume", "overwrite", "summary",                   # what the command does, not what the run computes
+    "seed", "concurrent_seeds", "path_to_save",         # which runs, and where: the run's own seed is compared
+    "gpu_id", "dist_timeout",                           # where it runs (the resolved precision and layout count)
+    "num_workers",                                      # each image draws its augmentation from its own seed
+    "data_dir", "cache_dir", "no_cache",                # where the data come from: the data are compared
+    "recipe", "recipe_values", "explicit_flags",        # how the values were set: the values are compared
+    "methods", "teacher_epochs", "teacher_schedule",    # the pipeline's own: no step reads them
+})
+
+
+def may_change_on_resume(flag: str) -> bool:
+    """Whether ``--flag`` may differ from the earlier run's on a resume; a trained input (``--saved_*``) may,
+    because the frozen teacher and heads are compared by their weights, whatever file they come from."""
+    return flag in MAY_CHANGE_ON_RESUME or flag.startswith("saved_")
+
+
+def check_resume_args(state: dict, flags, seed: int, cohort_id: str | None, data_id: str, path: Path) -> None:
+    """Refuse a resume that would change the numbers: any recorded flag but those that ``may_change_on_resume``
+    (named with both values), the seed, the frozen teacher/heads (compared by their weights), or the data."""
     saved = state.get("args", {})
-    for key in keys:
-        if key in saved and key in flags and saved[key] != flags[key]:
-            raise UserError(f"--resume refused: --{key} was {saved[key]!r} in the earlier run "
-                            f"'{path}' but is {flags[key]!r} now")
+    for key, value in saved.items():
+        if key in flags and not may_change_on_resume(key) and value != flags[key]:
+            raise UserError(f"--resume refused: --{key} was {value!r} in the earlier run but is {flags[key]!r} now "
+                            f"('{path}'); give the earlier value to continue it, or --overwrite to start over")
     if state.get("seed", seed) != seed:
         raise UserError(f"--resume refused: --seed was {state['seed']} in the earlier run '{path}' but is {seed} now")
     if state.get("cohort", cohort_id) != cohort_id:
         raise UserError(f"--resume refused: the frozen teacher or heads differ from those of the earlier run "
                         f"'{path}' (another --saved_path or heads folder)")
+    check_same_data(state, data_id, path)
 
 
 def check_same_data(state: dict, data_id: str, path: Path) -> None:

@@ -7,7 +7,7 @@ without importing each other in a circle.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,12 +38,19 @@ class Split:
 
 @dataclass
 class DataBundle:
-    """All splits of one dataset; ``val`` is ``None`` unless a validation hold-out was requested."""
+    """All splits of one dataset; ``val`` is ``None`` unless a validation hold-out was requested.
+    ``held_writes``: the decode-cache writes a read-only load put off (``write_held_cache`` runs them)."""
 
     info: DatasetInfo
     train: Split
     val: Split | None
     test: Split
+    held_writes: list = field(default_factory=list, repr=False)
+
+    def write_held_cache(self) -> None:
+        """Write the decode cache a read-only load put off, once (a resume calls it when its checks passed)."""
+        while self.held_writes:
+            self.held_writes.pop(0)()
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
