@@ -22,7 +22,7 @@ from models_repo import count_parameters
 from dihkit.foundations.registry import STUDENT_KEYS, WEIGHT_KEYS, TrainingType
 from dihkit.runs.run_context import RunContext
 from dihkit.runs.run_outputs import RunPaths, claim_outputs
-from dihkit.foundations.settings import OptimSettings
+from dihkit.foundations.settings import OptimSettings, Settings
 from train_funcs import run_phase
 from train_kd import distil
 
@@ -91,6 +91,20 @@ def stage1_config(s: FitNetsSettings) -> OptimSettings:
                          s.momentum_fitnets_1, s.nesterov_fitnets_1)
 
 
+def hint_and_guided(cfg: Settings) -> tuple[int, int]:
+    """The 0-based teacher (hint) and student (guided) stages; refuses a stage a model lacks."""
+    models, s = cfg.models, cfg.method
+    hint = resolve_layer("--hint_layer", s.hint_layer, models.teacher, skeleton(models.teacher).num_stages)
+    guided = resolve_layer("--guided_layer", s.guided_layer, models.student, skeleton(models.student).num_stages)
+    return hint, guided
+
+
+def check_fitnets(cfg: Settings) -> None:
+    """Before any data: the hint and guided stages exist, and stage 1's milestones lie within its epochs."""
+    hint_and_guided(cfg)
+    stage1_config(cfg.method)
+
+
 def build_regressor(student_shape: tuple, teacher_shape: tuple) -> nn.Module:
     """The hint regressor: 3x3 conv (no bias) + batch norm from the student's channels to the teacher's.
 
@@ -143,9 +157,7 @@ def train_fitnets(ctx: RunContext) -> dict:
     """Stage 1 (hint) to ``--path_to_save``, stage 2 (KD) to ``<stem>_final``."""
     models, info, s = ctx.cfg.models, ctx.info, ctx.cfg.method
     cfg1 = stage1_config(s)
-    k_teacher, k_student = skeleton(ctx, models.teacher).num_stages, skeleton(ctx, models.student).num_stages
-    hint = resolve_layer("--hint_layer", s.hint_layer, models.teacher, k_teacher)
-    guided = resolve_layer("--guided_layer", s.guided_layer, models.student, k_student)
+    hint, guided = hint_and_guided(ctx.cfg)
     teacher = load_teacher(ctx)
     stage1, stage2 = RunPaths.for_output(ctx.out), RunPaths.for_output(final_output(ctx.out))
     done1, done2 = claim_outputs(ctx, [stage1, stage2])
@@ -182,6 +194,6 @@ TRAINING_TYPE = TrainingType(
     name="fitnets", run=train_fitnets, flags=FLAGS, settings=FitNetsSettings, needs=frozenset({"teacher"}),
     depends_on=STUDENT_KEYS + WEIGHT_KEYS + tuple(f.dest for f in FLAGS), report_order=30,
     outputs=lambda out, flags: [(Path(out), False), (final_output(out), False)],
-    final_output=final_output, final_phase="fitnets_2", bench=bench_fitnets,
+    final_output=final_output, final_phase="fitnets_2", bench=bench_fitnets, pre_data_check=check_fitnets,
     description="FitNets stage 1 (hint regression); stage 2 is KD with the main and distillation flags",
     summary="FitNets: stage 1 regresses the teacher's hint layer, stage 2 is KD (final student in <stem>_final)")

@@ -24,7 +24,7 @@ from dihkit.runs.method_contract import Method
 from dihkit.runs.run_context import RunContext
 from dihkit.files.atomic_files import atomic_write_json
 from dihkit.runs.run_outputs import RunPaths, library_versions
-from dihkit.runs.run_state import (Interrupted, StopFlag, check_resume_args, cohort_fingerprint, load_resume_state,
+from dihkit.runs.run_state import (StopFlag, check_resume_args, cohort_fingerprint, kept_checkpoint, load_resume_state,
                                    rng_state, seed_everything, set_rng_state)
 from dihkit.foundations.settings import OptimSettings
 
@@ -160,11 +160,6 @@ class EpochProgress:
         self.bar.close()
 
 
-def kept_checkpoint(state) -> str:
-    """What a run stopped by a non-finite loss leaves to resume from."""
-    return f"the last good checkpoint '{state}' is kept" if state.is_file() else "no checkpoint had been written yet"
-
-
 def check_finite(first_bad: torch.Tensor, phase: str, epoch: int, state) -> None:
     """Raise NonFiniteLoss naming the epoch and batch where the loss first stopped being finite."""
     batch = int(first_bad.item())
@@ -261,11 +256,6 @@ class Trainer:
         # No rank may exit before the checkpoint is whole: torchrun stops the others when one exits.
         self.dist.barrier()
 
-    def interrupted(self, signum: int, where: str) -> Interrupted:
-        """The exception that ends a signalled run, pointing at its checkpoint."""
-        return Interrupted(f"stopped by signal {signum} {where}; a checkpoint was written to '{self.paths.state}': "
-                           f"rerun the same command with --resume", signum)
-
     def run(self) -> dict:
         """Every remaining epoch, then the final outputs; returns the result record."""
         self.resume_or_start()
@@ -274,14 +264,17 @@ class Trainer:
             self.record["reference_test"] = evaluate_outputs(self.method.reference, self.ctx.data.test, self.ctx)
             for name, m in self.record["reference_test"].items():
                 self.ctx.say(f"[{self.phase}] frozen {name}: test top-1 {m['top1']:.2f}%")
-        with StopFlag(self.dist) as stop:
+        with StopFlag(self.dist, self.paths.state) as stop:
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 entry = self.train_epoch(epoch, stop)
                 self.end_epoch(epoch, entry)
-                # A signal during evaluation or saving stops here, at the epoch boundary, unless the run is done.
+                # A signal as the epoch's batches ended stops here, its checkpoint written, or once the run is done.
                 if stop.requested() and epoch + 1 < self.cfg.epochs:
-                    raise self.interrupted(stop.signum, f"after epoch {epoch + 1}")
-        return self.finish()
+                    raise stop.stopped(f"after epoch {epoch + 1}")
+        record = self.finish()
+        if stop.requested():  # never dropped: the command stops rather than going on to a next phase or step
+            raise stop.stopped("as the run ended", f"its outputs are complete ('{self.paths.final}')")
+        return record
 
     def train_epoch(self, epoch: int, stop: StopFlag) -> dict:
         """One epoch of training steps; returns the epoch's history entry (loss, accuracy, lr, time)."""
@@ -303,6 +296,7 @@ class Trainer:
                            dist.world_size) as progress:
             for b, (x, y, idx) in enumerate(islice(batches, skip, None), start=skip):
                 first_bad = self.step(x, y, idx, b, sums, first_bad, progress)
+                stop.between_batches = True
                 stopping = stop.requested(b)
                 refresh = progress.due() or stopping
                 # Ranks must raise together: in a distributed run they check at the stop flag's agreed batches.
@@ -312,7 +306,9 @@ class Trainer:
                     progress.refresh(sums, lr)
                 if stopping:
                     self.save_state(epoch, b + 1, epoch_rng, dist.all_reduce_sum(sums.clone()).cpu())
-                    raise self.interrupted(stop.signum, f"in epoch {epoch + 1} after batch {b + 1}")
+                    raise stop.stopped(f"in epoch {epoch + 1} after batch {b + 1}",
+                                       f"a checkpoint was written to '{self.paths.state}'")
+        stop.between_batches = False
         check_finite(earliest_bad(first_bad, dist), self.phase, epoch, self.paths.state)
         # The epoch's own count: the record's total less the earlier epochs' (right after a mid-epoch resume too).
         skipped = self.record["nan_skipped"] - sum(e.get("nan_skipped", 0) for e in self.record["history"])

@@ -343,7 +343,7 @@ RECORD_CASES = {
                                          "trained for 4 classes, but the dataset has 10"),
 }
 
-# Resumes that would change what is trained, and data with a single class.
+# Resumes that would change what is trained, data with a single class, and a file given as the data folder.
 RESUME_CASES = {
     "resume_with_changed_train_subset": (lambda b, c: interrupted(b, "--train_subset", "60"), "--train_subset was 0"),
     "resume_with_changed_val_size": (lambda b, c: interrupted(b, "--val_size", "40"), "--val_size was 20"),
@@ -363,6 +363,8 @@ RESUME_CASES = {
                                       "--data_path was 'device' in the earlier run but is 'loader' now"),
     "resume_on_other_data_files": (lambda b, c: interrupted(b, "--data_dir", c / "data"),
                                    "--resume refused: the training data differ"),
+    "data_dir_is_a_file": (lambda b, c: ["--data_dir", b / "teacher.pth"],
+                           "teacher.pth' is a file, not a folder: an image-folder dataset is a folder"),
     "dataset_with_one_class": (lambda b, c: ["--data_dir", dataset(c, {**prefixed(good_split(classes="a"), "train"),
                                                                        **prefixed(good_split(classes="a"), "test")})],
                                "has only one class folder (a)"),

@@ -13,8 +13,9 @@ from dihkit.runs.distributed import Dist
 from dihkit.foundations.errors import UserError
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a resumable checkpoint was written after the current batch."""
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM stopped the run (``StopFlag``). Like KeyboardInterrupt it is not an ``Exception``: it can be
+    raised by the signal handler anywhere, and no ``except Exception`` may take it for an error."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -53,16 +54,30 @@ def set_rng_state(state: dict, generator: torch.Generator, device: torch.device)
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def kept_checkpoint(state: Path) -> str:
+    """What a run stopped before writing its next checkpoint leaves to resume from."""
+    return f"the last good checkpoint '{state}' is kept" if state.is_file() else "no checkpoint had been written yet"
+
+
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop reads after each batch; a second signal stops at once."""
+    """Turns SIGINT/SIGTERM into a stop within moments, wherever it lands while a phase trains.
+
+    Between training batches (``between_batches``, set by the loop once an epoch's first batch is done) the
+    signal is a flag the loop reads after the current batch, which then writes a checkpoint. Anywhere else
+    (an epoch's start: a resume's skipped batches, the first batch, compilation; evaluation; writing a
+    checkpoint) waiting could take minutes, so the run stops at once and the last checkpoint is kept. A
+    second signal always stops at once. Atomic writes keep every checkpoint whole wherever the stop lands.
+    """
 
     # Batches between the ranks' agreement on the flag in a distributed run (each check is a host sync).
     SYNC_EVERY = 16
 
-    def __init__(self, dist: Dist):
+    def __init__(self, dist: Dist, checkpoint: Path):
         self.signum = None
         self.previous = {}
         self.dist = dist
+        self.checkpoint = checkpoint
+        self.between_batches = False
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -70,11 +85,19 @@ class StopFlag:
         return self
 
     def handle(self, signum, frame):
-        """Remember the signal; the loop stops after the current batch. A second signal does not wait:
-        atomic writes guarantee the last checkpoint is whole wherever the interruption lands."""
+        """Remember the signal for the loop, or, outside the batches, stop at once (see the class)."""
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        if not self.between_batches:
+            raise self.stopped("outside the training batches (an epoch's start, evaluation or a checkpoint)")
+
+    def stopped(self, where: str, kept: str | None = None) -> Interrupted:
+        """The exception that ends a signalled run, saying where it stopped and what is ``kept`` (default: the
+        last checkpoint)."""
+        kept = kept or kept_checkpoint(self.checkpoint)
+        return Interrupted(f"stopped by signal {self.signum} {where}; {kept}: rerun the same command with --resume",
+                           self.signum)
 
     def requested(self, batch: int | None = None) -> bool:
         """Whether to stop now (``batch``: index of the batch just done; None at the end of an epoch).

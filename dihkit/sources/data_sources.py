@@ -224,6 +224,9 @@ def _fetch_tiny_imagenet(data_dir: str, download: bool) -> None:
 def load_imagefolder(data_dir: str, cache_dir) -> tuple[DatasetInfo, Split, Split]:
     """Read ``data_dir/{train,test}/<class>/<image>``; size and normalisation come from the images."""
     root = Path(data_dir)
+    if root.is_file():
+        raise UserError(f"--data_dir '{root}' is a file, not a folder: an image-folder dataset is a folder holding "
+                        f"train/ and test/, with one subfolder of images per class in each.")
     train_root, test_root = root / "train", root / "test"
     classes = _imagefolder_classes(root, train_root, test_root)
     train_files, train_labels = _gather(train_root, classes, require_each=True)

@@ -150,7 +150,10 @@ def _write_cache(cache: Path, key: str, count: int, train: Split, test: Split) -
 
 
 def _read_image(path: str) -> np.ndarray:
-    """One image file as an RGB uint8 ``(H, W, 3)`` array; ``UserError`` naming the file if it cannot be read."""
+    """One image file as an RGB uint8 ``(H, W, 3)`` array; ``UserError`` naming the file if it cannot be read.
+
+    The pixels as stored: an EXIF orientation tag is not applied, as torchvision's ImageFolder does not apply it
+    (docs/METHODS.md, "Your own images")."""
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
