@@ -67,7 +67,7 @@ EARLIER_CASES = {
                                                                        **prefixed(good_split(), "test")})],
                               "train/a/big.png is 24x24"),
     "teacher_missing": (lambda b, c: [*KD, "--saved_path", c / "nope.pth"], "nope.pth' does not exist"),
-    "teacher_not_given": (lambda b, c: KD, "teacher checkpoint needs --saved_path"),
+    "teacher_not_given": (lambda b, c: KD, "kd needs --saved_path (the trained res8 teacher checkpoint)"),
     "teacher_truncated": (lambda b, c: [*KD, "--saved_path", c / "t.pth"],
                           "teacher_truncated/t.pth' cannot be read; it is truncated"),
     "teacher_empty_file": (lambda b, c: [*KD, "--saved_path", c / "t.pth"],

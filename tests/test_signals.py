@@ -5,17 +5,12 @@ Each moment is a real SIGTERM the console process sends itself just before a cho
 the moments follow one pipeline in order, each run resuming where the one before stopped.
 """
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from console import ROOT, run_inprocess
-from faults import make_imagefolder, recipe
+from console import run_inprocess
+from faults import make_imagefolder, recipe, signalled_run
 from test_resume import assert_bit_identical
 
 # (the moment, the function whose call is signalled, which call of it in that process), in pipeline order.
@@ -38,18 +33,6 @@ def pipeline(data, root) -> list:
     """A pipeline of a teacher, the student alone and KD: 2 epochs of 4 batches each, deterministic."""
     return [*recipe(data, epochs=2), "--batch_size", "30", "--training_type", "pipeline", "--methods", "ce", "kd",
             "--path_to_save", root]
-
-
-def signalled_run(args, target: str, nth: int, cwd) -> tuple[int, float, str]:
-    """(exit code, seconds from the SIGTERM to the exit, stderr) of the console signalled at ``target``'s
-    ``nth`` call."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "signal_at.py"), target, str(nth), *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    ended = time.time()
-    sent = [float(t) for t in re.findall(r"SIGTERM (\d+\.\d+)", proc.stderr)]  # a progress bar may share its line
-    assert sent, f"the signal was never sent (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-    return proc.returncode, ended - sent[0], proc.stderr
 
 
 @pytest.mark.slow

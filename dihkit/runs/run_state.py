@@ -141,7 +141,8 @@ def check_resume_args(state: dict, flags, seed: int, cohort_id: str | None, data
     (named with both values), the seed, the frozen teacher/heads (compared by their weights), or the data."""
     saved = state.get("args", {})
     for key, value in saved.items():
-        if key in flags and not may_change_on_resume(key) and value != flags[key]:
+        # "auto" is what files written before the flags recorded their resolved values hold: not compared.
+        if key in flags and not may_change_on_resume(key) and value not in (flags[key], "auto"):
             raise UserError(f"--resume refused: --{key} was {value!r} in the earlier run but is {flags[key]!r} now "
                             f"('{path}'); give the earlier value to continue it, or --overwrite to start over")
     if state.get("seed", seed) != seed:
