@@ -28,7 +28,8 @@ class TAKDSettings(KDSettings):
 
 FLAGS = (
     flag("--ta", default="res20", choices=list(MODELS),
-         help="teacher assistant: no more parameters than the teacher, no fewer than the student"),
+         help="teacher assistant: no more parameters than the teacher, no fewer than the student (each counted "
+              "without its classifier)"),
     flag("--saved_ta_path", default=None,
          help="an already trained assistant, skipping the first hop (default: train it)"),
 )

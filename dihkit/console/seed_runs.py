@@ -39,9 +39,9 @@ def check_before_data(t: TrainingType | None, cfg: Settings, outputs: list, dist
     """Refuse everything the flags and the input files' headers show before any data is read or anything
     written: what the training type's own check refuses (``pre_data_check``); output names that collide with
     each other or an input, or are too long; trained inputs that do not fit (``check_inputs``) or are missing;
-    outputs another live run claims, or that exist. Every phase of every seed
-    counts. Returns the claim to hold (``with``) from the data's loading to the run's end; the test mode
-    (``t`` None) writes nothing and claims nothing.
+    outputs another live run claims, or that exist. Every phase of every seed counts. Returns the claim to hold
+    (``with``) from the data's loading to the run's end; the test mode (``t`` None) writes nothing and claims
+    nothing.
     """
     if t is None:
         check_inputs(None, cfg)
