@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import nullcontext
 
 import torch
 
@@ -30,7 +31,7 @@ from dihkit.sources.batches import (PAD, PADDINGS, augment_batch, draw_augment_p
 from dihkit.sources.data_sources import (CIFAR, cifar_info, load_cifar, load_imagefolder, load_tiny_imagenet,
                                          tiny_imagenet_info)
 from dihkit.sources.data_types import DataBundle, DatasetInfo, FileSplit, Split
-from dihkit.sources.decode_cache import default_cache_dir
+from dihkit.sources.decode_cache import default_cache_dir, writes_held
 from dihkit.sources.normalization import NORMALIZATIONS, normalized
 from dihkit.foundations.errors import UserError
 from dihkit.sources.image_trees import TREES, MemoryBudget, load_image_tree, memory_budget
@@ -52,7 +53,7 @@ _FINGERPRINT_SAMPLES = 1 << 22
 
 def load_data(name: str, data_dir: str, val_size: int = 0, download: bool = True, train_subset: int = 0,
               *, cache_dir: str | os.PathLike | None = None, stream: str = "auto", crop_size: int | None = None,
-              budget: MemoryBudget | None = None) -> DataBundle:
+              budget: MemoryBudget | None = None, cache_read_only: bool = False) -> DataBundle:
     """Load dataset ``name`` from ``data_dir``, optionally holding out ``val_size`` training samples.
 
     ``download`` allows fetching CIFAR or Tiny-ImageNet when they are missing. The validation split is
@@ -63,6 +64,7 @@ def load_data(name: str, data_dir: str, val_size: int = 0, download: bool = True
     ImageNet and image folders are streamed (``image_trees``): always for ImageNet, for an image folder when
     ``stream`` is ``"yes"``, or ``"auto"`` and its decoded images exceed ``budget``; ``crop_size`` is then
     the streamed crop. The bundle's ``held`` says how the images are held and why.
+    ``cache_read_only`` reads a cache but writes none: the bundle holds the write (``write_held_cache``).
     """
     if name not in DATASET_NAMES:
         raise UserError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}.")
@@ -75,17 +77,19 @@ def load_data(name: str, data_dir: str, val_size: int = 0, download: bool = True
                         f"streamed per batch, and {name} is held in memory; use it with --dataset imagenet or "
                         f"imagefolder")
     held = ""
-    if name in CIFAR:
-        info, train, test = load_cifar(name, data_dir, download)
-    elif name == "tiny-imagenet":
-        info, train, test = load_tiny_imagenet(data_dir, download, cache_dir)
-    elif name in TREES:
-        info, train, test, held = load_image_tree(name, data_dir, cache_dir, stream, crop_size, budget)
-    else:
-        info, train, test = load_synthetic()
+    with writes_held() if cache_read_only else nullcontext([]) as writes:
+        if name in CIFAR:
+            info, train, test = load_cifar(name, data_dir, download)
+        elif name == "tiny-imagenet":
+            info, train, test = load_tiny_imagenet(data_dir, download, cache_dir)
+        elif name in TREES:
+            info, train, test, held = load_image_tree(name, data_dir, cache_dir, stream, crop_size, budget)
+        else:
+            info, train, test = load_synthetic()
     train, val = _hold_out(train, info.num_classes, val_size)
     train = _train_subset(train, info.num_classes, train_subset)
-    return DataBundle(info=info, train=train, val=val, test=test, held=held or _in_memory(train, test))
+    return DataBundle(info=info, train=train, val=val, test=test, held=held or _in_memory(train, test),
+                      held_writes=writes)
 
 
 def _in_memory(train: Split, test: Split) -> str:

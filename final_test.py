@@ -8,6 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 import dataload
 from dihkit.runs import distributed
 from dihkit.results import pipeline
@@ -27,7 +29,7 @@ from dihkit.runs.run_outputs import check_output_text, console_command
 from dihkit.runs.run_state import Interrupted
 from dihkit.console.concurrent_seeds import run_concurrently
 from dihkit.console.seed_runs import check_before_data, default_output, print_summary, run_seeds, seed_outputs
-from dihkit.foundations.settings import Settings, settings_from_flags
+from dihkit.foundations.settings import Settings, settings_from_flags, with_resolved
 from train_funcs import NonFiniteLoss
 
 
@@ -52,7 +54,32 @@ def make_settings(args) -> Settings:
     t = REGISTRY.get(args.training_type)
     if t is None:  # the test mode: no training type's own settings
         return settings_from_flags(vars(args))
-    return settings_from_flags(vars(args), t.settings, t.result_keys)
+    return settings_from_flags(vars(args), t.settings)
+
+
+def on_this_machine(cfg: Settings, gpu_id: str | None, dist) -> tuple[Settings, torch.device]:
+    """The run's device, and ``cfg`` with ``auto`` precision and memory format resolved for it, its flags
+    recording what they resolved to (a resume compares those); the first line of output says which."""
+    distributed.check_devices(dist, gpu_id)
+    device = resolve_device(gpu_id, dist.local_rank)
+    configure_backends(cfg.run.deterministic)
+    run_cfg = resolve_speed(cfg.run, device)
+    if dist.is_main:
+        print(f"precision: {run_cfg.speed_reason}", flush=True)
+        if run_cfg.amp and run_cfg.eval_precision == "fp32":
+            print("evaluation: float32 (--eval_precision bf16 evaluates in bfloat16)", flush=True)
+    return with_resolved(replace(cfg, run=run_cfg), precision=run_cfg.precision,
+                         memory_format=run_cfg.memory_format), device
+
+
+def with_data_path(cfg: Settings, data: dataload.DataBundle, device: torch.device, dist) -> Settings:
+    """``cfg`` with the data path and loader workers settled the same on every rank (``settle_data_path``: the
+    data paths draw differently from the shared data generator), its flags recording the path; rank 0 prints
+    which path runs and why."""
+    data_cfg, line = settle_data_path(cfg.data, data, device, dist)
+    if dist.is_main:
+        print(line, flush=True)
+    return with_resolved(replace(cfg, data=data_cfg), data_path=data_cfg.data_path)
 
 
 def load_data(cfg: Settings, data_cache: dict | None, dist) -> dataload.DataBundle:
@@ -65,9 +92,10 @@ def load_data(cfg: Settings, data_cache: dict | None, dist) -> dataload.DataBund
     key = (d.dataset, d.data_dir, d.val_size, d.train_subset, stream, d.crop_size)
     data = data_cache.get(key) if data_cache is not None else None
     if data is None:
+        # A resume may be on other data: their decode cache is written once its checks pass (train_funcs).
         data = dataload.load_data(d.dataset, d.data_dir, d.val_size, train_subset=d.train_subset,
-                                  cache_dir=d.cache_dir, stream=stream, crop_size=d.crop_size,
-                                  budget=dataload.memory_budget(dist.local_world_size))
+                                  cache_dir=d.cache_dir, cache_read_only=cfg.run.resume, stream=stream,
+                                  crop_size=d.crop_size, budget=dataload.memory_budget(dist.local_world_size))
         if data_cache is not None:
             data_cache[key] = data
     return replace(data, info=dataload.normalized(data.info, d.normalization))
@@ -84,16 +112,8 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     validate(args, parser)
     if args.training_type == "pipeline":
         return pipeline.run_pipeline(args, parser, run)
-    cfg = replace(make_settings(args), command=console_command(argv))
     dist = from_env()
-    distributed.check_devices(dist, args.gpu_id)
-    device = resolve_device(args.gpu_id, dist.local_rank)
-    configure_backends(cfg.run.deterministic)
-    cfg = replace(cfg, run=resolve_speed(cfg.run, device))
-    if dist.is_main:
-        print(f"precision: {cfg.run.speed_reason}", flush=True)
-        if cfg.run.amp and cfg.run.eval_precision == "fp32":
-            print("evaluation: float32 (--eval_precision bf16 evaluates in bfloat16)", flush=True)
+    cfg, device = on_this_machine(replace(make_settings(args), command=console_command(argv)), args.gpu_id, dist)
     t = REGISTRY.get(cfg.training_type)
     if args.summary:
         trains_teacher = t is None or t.trains == "teacher"
@@ -114,10 +134,7 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     distributed.check_world(dist, data, cfg.data.batch_size, device, cfg.run.sync_bn)
     # Claimed before the process group forms: rank 0 refused there exits, and torchrun stops the other ranks.
     with claim, distributed.process_group(dist, device, args.dist_timeout):
-        data_cfg, line = settle_data_path(cfg.data, data, device, dist)
-        if dist.is_main:
-            print(line, flush=True)
-        run_seeds(t.run if t else evaluate_saved, replace(cfg, data=data_cfg), outputs, dist, device, data)
+        run_seeds(t.run if t else evaluate_saved, with_data_path(cfg, data, device, dist), outputs, dist, device, data)
     return 0
 
 

@@ -36,6 +36,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from dihkit.files.atomic_files import atomic_write_text
 from dihkit.files.checkpoints import safe_load
 from dihkit.foundations.errors import UserError
 from dihkit.foundations.flags import HelpFormatter, Parser
@@ -256,8 +257,8 @@ def write_report(folders, out: Path, plots: bool = False, against: str | None = 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = [out.with_name(out.name + ".md"), out.with_name(out.name + ".csv")]
-    written[0].write_text(text, encoding="utf-8")
-    written[1].write_text(csv_text(table), encoding="utf-8")
+    atomic_write_text(written[0], text)
+    atomic_write_text(written[1], csv_text(table))
     if plots:
         written += write_plots(table, out)
     return text + "\nWritten: " + ", ".join(str(p) for p in written) + "\n"

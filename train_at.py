@@ -10,11 +10,11 @@ stages; the stages' outputs are RepDistiller's feature points (``feat[1:-1]``) o
 from dataclasses import dataclass
 
 from dih_utils import Cohort, mount_shapes
-from dihkit.foundations.errors import UserError
 from dihkit.foundations.flags import Range, flag
 from KD_Loss import at_loss, kd_loss
 from dihkit.runs.method_contract import StudentMethod
-from dihkit.runs.model_loading import load_teacher, model_meta, new_model, skeleton
+from dihkit.methods.feature_baselines import require_same_stages
+from dihkit.runs.model_loading import load_teacher, model_meta, new_model
 from dihkit.foundations.registry import TrainingType
 from dihkit.runs.run_context import RunContext
 from dihkit.runs.run_outputs import RunPaths, claim_outputs
@@ -56,19 +56,9 @@ class AttentionTransfer(StudentMethod):
         return loss, logits
 
 
-def check_at_pair(ctx: RunContext) -> None:
-    """Refuse a teacher/student pair whose stages cannot be paired one to one, before anything is loaded."""
-    models = ctx.cfg.models
-    k_t, k_s = skeleton(ctx, models.teacher).num_stages, skeleton(ctx, models.student).num_stages
-    if k_t != k_s:
-        raise UserError(f"at pairs stages one to one, but the teacher {models.teacher} has {k_t} stages and the "
-                        f"student {models.student} has {k_s}; choose a pair with the same number of stages")
-
-
 def train_at(ctx: RunContext) -> dict:
     """Train the student with attention transfer from the trained teacher."""
     models, s, size = ctx.cfg.models, ctx.cfg.method, ctx.info.image_size
-    check_at_pair(ctx)
     teacher = load_teacher(ctx)
     paths = RunPaths.for_output(ctx.out)
     done, = claim_outputs(ctx, [paths])
@@ -99,5 +89,5 @@ def at_label(flags) -> str:
 TRAINING_TYPE = TrainingType(
     name="at", run=train_at, flags=FLAGS, settings=ATSettings, needs=frozenset({"teacher"}),
     depends_on=("teacher", "student", "kd_temperature") + tuple(f.dest for f in FLAGS), report_order=50,
-    bench=bench_at, label=at_label, same_stages=True, description="attention transfer on the stage outputs",
+    bench=bench_at, label=at_label, same_stages=True, pre_data_check=require_same_stages, description="attention transfer on the stage outputs",
     summary="AT: the student matches the teacher's attention maps at every stage output (+ CE)")

@@ -21,6 +21,7 @@ from dihkit.foundations.flags import flag
 from dihkit.foundations.registry import TrainingType
 from dihkit.runs.run_context import RunContext
 from dihkit.runs.run_outputs import RunPaths, claim_outputs
+from dihkit.foundations.settings import Settings
 from train_funcs import run_phase
 
 
@@ -112,16 +113,21 @@ def fine_tune(ctx: RunContext) -> dict:
     ctx.say(f"[fine_tune] {len(heads)} heads on {arch}: " + ", ".join(f"{count_parameters(h):,}" for h in heads)
             + f" parameters; the loss shown is the sum of the {len(heads)} heads' cross-entropies, each head one "
               f"linear layer on {reads}")
-    selection = ctx.cfg.method.head_selection
-    if selection == "lowest_val_loss" and ctx.data.val is None:  # the console refuses this before loading data
-        raise UserError("--head_selection lowest_val_loss needs a validation split (--val_size)")
-    method = HeadTuning(teacher, heads, meta, selection)
+    method = HeadTuning(teacher, heads, meta, ctx.cfg.method.head_selection)
     return run_phase(method, ctx, paths, ctx.cfg.optim, "fine_tune", {**meta, "seed": ctx.seed}, done)
+
+
+def check_selection(cfg: Settings) -> None:
+    """Before any data: a selection on the validation split needs one."""
+    if cfg.method.head_selection == "lowest_val_loss" and cfg.data.val_size == 0:
+        raise UserError("--head_selection lowest_val_loss selects on the validation split, never the test split: "
+                        "give --val_size (images held out of the training set)")
 
 
 TRAINING_TYPE = TrainingType(
     name="fine_tune", run=fine_tune, trains="teacher", depends_on=("teacher", "head_selection"), output_is_dir=True,
     flags=FLAGS, settings=FineTuneSettings,
     outputs=lambda out, flags: [(Path(out), True)], needs=frozenset({"teacher"}), in_pipeline=False,
+    pre_data_check=check_selection,
     report_order=1, summary="train the teacher's intermediate heads on its frozen backbone (a folder of heads)",
     bench=lambda parts: HeadTuning(parts.teacher, build_heads(parts.teacher, parts.classes, parts.size), {}))

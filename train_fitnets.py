@@ -29,7 +29,7 @@ from models_repo import count_parameters
 from dihkit.foundations.registry import STUDENT_KEYS, WEIGHT_KEYS, TrainingType
 from dihkit.runs.run_context import RunContext
 from dihkit.runs.run_outputs import RunPaths, claim_outputs
-from dihkit.foundations.settings import OptimSettings
+from dihkit.foundations.settings import OptimSettings, Settings
 from train_funcs import run_phase
 from train_kd import distil
 
@@ -103,6 +103,22 @@ def stage1_config(s: FitNetsSettings) -> OptimSettings:
                         f"got {milestones}")
     return OptimSettings(epochs, s.lr_fitnets_1, s.wd_fitnets_1, tuple(milestones), s.schedule_gamma_fitnets_1,
                          s.momentum_fitnets_1, s.nesterov_fitnets_1)
+
+
+def hint_and_guided(cfg: Settings) -> tuple[int, int]:
+    """The 0-based teacher (hint) and student (guided) stages; refuses a stage a model lacks."""
+    models, s = cfg.models, cfg.method
+    hint = resolve_layer("--hint_layer", s.hint_layer, models.teacher, skeleton(models.teacher).num_stages)
+    guided = resolve_layer("--guided_layer", s.guided_layer, models.student, skeleton(models.student).num_stages)
+    return hint, guided
+
+
+def check_fitnets(cfg: Settings) -> None:
+    """Before any data: the hint and guided stages exist, and the two-stage form's stage-1 milestones lie
+    within its epochs."""
+    hint_and_guided(cfg)
+    if cfg.method.fitnets_stages == 2:
+        stage1_config(cfg.method)
 
 
 def build_regressor(student_shape: tuple, teacher_shape: tuple) -> nn.Module:
@@ -190,18 +206,10 @@ class OneStageFitNet(StudentMethod):
         return F.cross_entropy(logits.float(), y) + self.weight * hint, logits
 
 
-def fitnets_layers(ctx: RunContext) -> tuple[int, int]:
-    """The teacher's hint stage and the student's guided stage, refused when a model lacks them."""
-    models, s = ctx.cfg.models, ctx.cfg.method
-    k_teacher, k_student = skeleton(ctx, models.teacher).num_stages, skeleton(ctx, models.student).num_stages
-    return (resolve_layer("--hint_layer", s.hint_layer, models.teacher, k_teacher),
-            resolve_layer("--guided_layer", s.guided_layer, models.student, k_student))
-
-
 def train_one_stage(ctx: RunContext) -> dict:
     """RepDistiller's one-stage FitNet, to ``<stem>_final``."""
     models, s = ctx.cfg.models, ctx.cfg.method
-    hint, guided = fitnets_layers(ctx)
+    hint, guided = hint_and_guided(ctx.cfg)
     teacher = load_teacher(ctx)
     paths = RunPaths.for_output(final_output(ctx.out))
     done, = claim_outputs(ctx, [paths])
@@ -223,7 +231,7 @@ def train_fitnets(ctx: RunContext) -> dict:
     if s.fitnets_stages == 1:
         return train_one_stage(ctx)
     cfg1 = stage1_config(s)
-    hint, guided = fitnets_layers(ctx)
+    hint, guided = hint_and_guided(ctx.cfg)
     teacher = load_teacher(ctx)
     stage1, stage2 = RunPaths.for_output(ctx.out), RunPaths.for_output(final_output(ctx.out))
     done1, done2 = claim_outputs(ctx, [stage1, stage2])
@@ -271,6 +279,6 @@ TRAINING_TYPE = TrainingType(
     name="fitnets", run=train_fitnets, flags=FLAGS, settings=FitNetsSettings, needs=frozenset({"teacher"}),
     depends_on=STUDENT_KEYS + WEIGHT_KEYS + tuple(f.dest for f in FLAGS), report_order=30,
     outputs=fitnets_outputs, label=fitnets_label, final_output=final_output, final_phase="fitnets_2",
-    also_final=("fitnets",), bench=bench_fitnets,
+    also_final=("fitnets",), bench=bench_fitnets, pre_data_check=check_fitnets,
     description="FitNets stage 1 (hint regression); stage 2 is KD with the main and distillation flags",
     summary="FitNets: stage 1 regresses the teacher's hint layer, stage 2 is KD (final student in <stem>_final)")

@@ -21,9 +21,10 @@ from dihkit.foundations.errors import UserError
 from dihkit.runs.evaluation import evaluate_outputs, headline
 from dihkit.runs.method_contract import Method
 from dihkit.runs.run_context import RunContext
-from dihkit.runs.run_outputs import RunPaths, library_versions, write_json
-from dihkit.runs.run_state import (Interrupted, StopFlag, check_resume_args, check_same_data, cohort_fingerprint,
-                       load_resume_state, rng_state, seed_everything, set_rng_state)
+from dihkit.files.atomic_files import atomic_write_json
+from dihkit.runs.run_outputs import RunPaths, library_versions
+from dihkit.runs.run_state import (StopFlag, check_resume_args, cohort_fingerprint, kept_checkpoint, load_resume_state,
+                                   rng_state, seed_everything, set_rng_state)
 from dihkit.foundations.settings import OptimSettings
 
 
@@ -158,11 +159,6 @@ class EpochProgress:
         self.bar.close()
 
 
-def kept_checkpoint(state) -> str:
-    """What a run stopped by a non-finite loss leaves to resume from."""
-    return f"the last good checkpoint '{state}' is kept" if state.is_file() else "no checkpoint had been written yet"
-
-
 def check_finite(first_bad: torch.Tensor, phase: str, epoch: int, state) -> None:
     """Raise NonFiniteLoss naming the epoch and batch where the loss first stopped being finite."""
     batch = int(first_bad.item())
@@ -217,9 +213,7 @@ class Trainer:
 
     def check_state(self, state: dict) -> None:
         """Refuse a checkpoint written with other flags, seed, frozen cohort or training data."""
-        cfg = self.ctx.cfg
-        check_resume_args(state, cfg.flags, cfg.result_keys, self.ctx.seed, self.cohort_id, self.paths.state)
-        check_same_data(state, self.data_id, self.paths.state)
+        check_resume_args(state, self.ctx.cfg.flags, self.ctx.seed, self.cohort_id, self.data_id, self.paths.state)
 
     def resume_or_start(self) -> None:
         """Load the interrupted run's checkpoint under ``--resume``; otherwise announce a fresh start."""
@@ -260,26 +254,25 @@ class Trainer:
         # No rank may exit before the checkpoint is whole: torchrun stops the others when one exits.
         self.dist.barrier()
 
-    def interrupted(self, signum: int, where: str) -> Interrupted:
-        """The exception that ends a signalled run, pointing at its checkpoint."""
-        return Interrupted(f"stopped by signal {signum} {where}; a checkpoint was written to '{self.paths.state}': "
-                           f"rerun the same command with --resume", signum)
-
     def run(self) -> dict:
         """Every remaining epoch, then the final outputs; returns the result record."""
         self.resume_or_start()
+        self.ctx.data.write_held_cache()  # the resume's checks passed: its data's decode cache may be written
         if self.method.cohort is not None:
             self.record["reference_test"] = evaluate_outputs(self.method.reference, self.ctx.data.test, self.ctx)
             for name, m in self.record["reference_test"].items():
                 self.ctx.say(f"[{self.phase}] frozen {name}: test top-1 {m['top1']:.2f}%")
-        with StopFlag(self.dist) as stop:
+        with StopFlag(self.dist, self.paths.state) as stop:
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 entry = self.train_epoch(epoch, stop)
                 self.end_epoch(epoch, entry)
-                # A signal during evaluation or saving stops here, at the epoch boundary, unless the run is done.
+                # A signal as the epoch's batches ended stops here, its checkpoint written, or once the run is done.
                 if stop.requested() and epoch + 1 < self.cfg.epochs:
-                    raise self.interrupted(stop.signum, f"after epoch {epoch + 1}")
-        return self.finish()
+                    raise stop.stopped(f"after epoch {epoch + 1}")
+        record = self.finish()
+        if stop.requested():  # never dropped: the command stops rather than going on to a next phase or step
+            raise stop.stopped("as the run ended", f"its outputs are complete ('{self.paths.final}')")
+        return record
 
     def train_epoch(self, epoch: int, stop: StopFlag) -> dict:
         """One epoch of training steps; returns the epoch's history entry (loss, accuracy, lr, time)."""
@@ -302,6 +295,7 @@ class Trainer:
                            dist.world_size) as progress:
             for b, (x, y, idx) in enumerate(batches, start=skip):
                 first_bad = self.step(x, y, idx, b, sums, first_bad, progress)
+                stop.between_batches = True
                 stopping = stop.requested(b)
                 refresh = progress.due() or stopping
                 # Ranks must raise together: in a distributed run they check at the stop flag's agreed batches.
@@ -311,7 +305,9 @@ class Trainer:
                     progress.refresh(sums, lr)
                 if stopping:
                     self.save_state(epoch, b + 1, epoch_rng, dist.all_reduce_sum(sums.clone()).cpu())
-                    raise self.interrupted(stop.signum, f"in epoch {epoch + 1} after batch {b + 1}")
+                    raise stop.stopped(f"in epoch {epoch + 1} after batch {b + 1}",
+                                       f"a checkpoint was written to '{self.paths.state}'")
+        stop.between_batches = False
         check_finite(earliest_bad(first_bad, dist), self.phase, epoch, self.paths.state)
         # The epoch's own count: the record's total less the earlier epochs' (right after a mid-epoch resume too).
         skipped = self.record["nan_skipped"] - sum(e.get("nan_skipped", 0) for e in self.record["history"])
@@ -377,7 +373,7 @@ class Trainer:
             record["replica_fingerprint"] = dist.check_replicas(self.method)
         if dist.is_main:
             self.method.export(paths.final, {**self.meta, "epoch": self.cfg.epochs, "selected_on": "last epoch"})
-            write_json(paths.result, record)
+            atomic_write_json(paths.result, record)
             paths.state.unlink(missing_ok=True)
         dist.barrier()  # the other ranks return once the outputs exist (a next phase or seed may read them)
         return record
@@ -391,9 +387,9 @@ def run_phase(method: Method, ctx: RunContext, paths: RunPaths, cfg: OptimSettin
     """
     if finished:
         record = json.loads(paths.result.read_text())
-        check_resume_args(record, ctx.cfg.flags, ctx.cfg.result_keys, ctx.seed, cohort_fingerprint(method),
-                          paths.result)
-        check_same_data(record, dataload.data_fingerprint(ctx.data), paths.result)
+        check_resume_args(record, ctx.cfg.flags, ctx.seed, cohort_fingerprint(method),
+                          dataload.data_fingerprint(ctx.data), paths.result)
+        ctx.data.write_held_cache()
         ctx.say(f"[{phase}] already complete: '{paths.final}'")
         return record
     return Trainer(method, ctx, paths, cfg, phase, meta).run()

@@ -9,8 +9,9 @@ from pathlib import Path
 from dih_utils import freeze
 from dihkit.foundations.errors import UserError
 from dihkit.foundations.flags import flag
-from dihkit.runs.model_loading import load_teacher, load_trained, skeleton
-from models_repo import MODELS, count_parameters
+from dihkit.runs.model_loading import load_teacher, load_trained, size_before_classifier
+from dihkit.foundations.settings import Settings
+from models_repo import MODELS
 from dihkit.foundations.registry import STUDENT_KEYS, WEIGHT_KEYS, TrainingType
 from dihkit.runs.run_context import RunContext
 from dihkit.runs.run_outputs import RunPaths, claim_outputs
@@ -27,24 +28,25 @@ class TAKDSettings(KDSettings):
 
 FLAGS = (
     flag("--ta", default="res20", choices=list(MODELS),
-         help="teacher assistant: no more parameters than the teacher, no fewer than the student"),
+         help="teacher assistant: no more parameters than the teacher, no fewer than the student (each counted "
+              "without its classifier)"),
     flag("--saved_ta_path", default=None,
          help="an already trained assistant, skipping the first hop (default: train it)"),
 )
 
 
-def check_ta_size(ctx: RunContext) -> None:
-    """Refuse an assistant with more parameters than the teacher or fewer than the student."""
-    models, ta_arch = ctx.cfg.models, ctx.cfg.method.ta
-    sizes = {arch: count_parameters(skeleton(ctx, arch)) for arch in (models.teacher, ta_arch, models.student)}
-    ta, teacher, student = sizes[ta_arch], sizes[models.teacher], sizes[models.student]
+def check_ta_size(cfg: Settings) -> None:
+    """Refuse an assistant with more parameters than the teacher or fewer than the student, before any data:
+    each counted without its classifier, whose size follows the dataset's classes."""
+    models, ta_arch = cfg.models, cfg.method.ta
+    ta, teacher, student = map(size_before_classifier, (ta_arch, models.teacher, models.student))
+    where = "parameters before the classifier"
     if ta > teacher:
-        raise UserError(f"--ta {ta_arch} ({ta:,} parameters) is larger than the teacher {models.teacher} "
+        raise UserError(f"--ta {ta_arch} ({ta:,} {where}) is larger than the teacher {models.teacher} "
                         f"({teacher:,}); a teacher assistant must sit between teacher and student")
     if ta < student:
-        raise UserError(f"--ta {ta_arch} ({ta:,} parameters) is smaller than the student {models.student} "
+        raise UserError(f"--ta {ta_arch} ({ta:,} {where}) is smaller than the student {models.student} "
                         f"({student:,}); a teacher assistant must sit between teacher and student")
-    ctx.say(f"[takd] {models.teacher} ({teacher:,}) -> {ta_arch} ({ta:,}) -> {models.student} ({student:,} parameters)")
 
 
 def ta_output(out: Path, ta_arch: str) -> Path:
@@ -57,7 +59,8 @@ def train_takd(ctx: RunContext) -> dict:
     """KD teacher -> ``--ta`` (unless ``--saved_ta_path``), then KD ``--ta`` -> student."""
     s, models = ctx.cfg.method, ctx.cfg.models
     objective = kd_objective(models, s.logit_std)
-    check_ta_size(ctx)
+    ctx.say("[takd] " + " -> ".join(f"{arch} ({size_before_classifier(arch):,})" for arch in
+                                    (models.teacher, s.ta, models.student)) + " parameters before the classifier")
     student_paths = RunPaths.for_output(ctx.out)
     if s.saved_ta_path is not None:
         ta_file, ta_result = Path(s.saved_ta_path), None
@@ -83,7 +86,8 @@ def takd_outputs(out: Path, flags) -> list:
 
 TRAINING_TYPE = TrainingType(
     name="takd", run=train_takd, flags=FLAGS, settings=TAKDSettings, depends_on=STUDENT_KEYS + WEIGHT_KEYS + ("ta", "logit_std"),
-    needs=frozenset({"teacher"}), outputs=takd_outputs, report_order=40, bench=bench_kd,
+    needs=frozenset({"teacher"}), outputs=takd_outputs, pre_data_check=check_ta_size,
+    needs_for=lambda flags: frozenset() if flags.get("saved_ta_path") else frozenset({"teacher"}), report_order=40, bench=bench_kd,
     label=lambda flags: with_ls("takd", flags),
     description="teacher assistant knowledge distillation (both hops use the distillation flags)",
     summary="TAKD: KD teacher -> assistant (--ta) -> student")

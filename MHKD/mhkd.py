@@ -98,7 +98,6 @@ def train_mhkd(ctx: RunContext) -> dict:
     """Fine-tune (or reuse) the teacher's heads, then train the student with its own."""
     models, s, classes, size = ctx.cfg.models, ctx.cfg.method, ctx.info.num_classes, ctx.info.image_size
     beta = s.beta
-    require_same_stages(ctx)
     teacher = load_teacher(ctx)
     student = new_model(ctx, models.student)
     heads = build_multi_heads(student, classes, size).to(ctx.device)
@@ -127,6 +126,7 @@ def bench_mhkd(parts) -> MHKDMethod:
 TRAINING_TYPE = TrainingType(
     name="mhkd", run=train_mhkd, flags=FLAGS, flag_defaults={"beta": DEFAULT_BETA}, settings=MHKDSettings, needs=frozenset({"teacher"}),
     depends_on=STUDENT_KEYS + WEIGHT_KEYS + ("beta", "logit_std"), report_order=80, bench=bench_mhkd, same_stages=True,
+    pre_data_check=require_same_stages,
     label=lambda flags: with_ls("mhkd", flags),
     outputs=lambda out, flags: heads_outputs(out, flags, "saved_mhkd_directory"),
     description=f"multi-head knowledge distillation: KD on the final logits, and per stage head CE + --beta x KD "

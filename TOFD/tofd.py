@@ -231,7 +231,6 @@ FLAGS = (
 def train_tofd(ctx: RunContext) -> dict:
     """Fine-tune (or reuse) the teacher's auxiliary classifiers, then train the student."""
     models, s, classes, size = ctx.cfg.models, ctx.cfg.method, ctx.info.num_classes, ctx.info.image_size
-    require_same_stages(ctx)
     teacher = load_teacher(ctx)
     student = new_model(ctx, models.student)
     aux = build_aux(models.student, classes).to(ctx.device)
@@ -264,6 +263,7 @@ TRAINING_TYPE = TrainingType(
     name="tofd", run=train_tofd, flags=FLAGS, settings=TOFDSettings, needs=frozenset({"teacher"}),
     flag_defaults={"kd_alpha": DEFAULT_ALPHA, "beta": DEFAULT_BETA, "kd_temperature": DEFAULT_TEMPERATURE},
     depends_on=STUDENT_KEYS + ("beta", "logit_std"), report_order=70, bench=bench_tofd, same_stages=True,
+    pre_data_check=require_same_stages,
     label=lambda flags: with_ls("tofd", flags),
     outputs=lambda out, flags: heads_outputs(out, flags, "saved_tofd_directory"),
     description=f"task-oriented feature distillation as its authors' code: per classifier CE + soft CE + "

@@ -36,6 +36,7 @@ from bench.variants import cross_ratios, forward_flops, peak_figures, peak_tasks
 from bench.timing import (DATA_ONLY_RUN, DATA_PATH_RUN, generated_data, inference_task, make_ctx,  # noqa: E402
                           progress, time_epochs, time_interleaved, train_task, warm_up)
 from dihkit.console.devices import configure_backends  # noqa: E402
+from dihkit.files.atomic_files import atomic_write_text  # noqa: E402
 from train_funcs import prepare_cohort  # noqa: E402
 from models_repo import MODELS  # noqa: E402
 
@@ -279,8 +280,7 @@ def command_line(argv, parse, measure, report) -> int:
     report(result)
     if opts.out:
         out = Path(opts.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {out}")
     return 0
 

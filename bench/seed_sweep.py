@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dihkit.files.atomic_files import atomic_write_text  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
               "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
     print(json.dumps(result, indent=2))
     if opts.out:
-        Path(opts.out).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(opts.out, json.dumps(result, indent=2) + "\n")
     return 0
 
 

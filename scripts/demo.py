@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dataload  # noqa: E402
 import final_test  # noqa: E402
 import report  # noqa: E402
+from dihkit.files.atomic_files import atomic_write_text  # noqa: E402
 from dihkit.foundations.errors import UserError  # noqa: E402
 from demo_readme import FIGURES, README, render, write_section  # noqa: E402
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        FIGURES.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        atomic_write_text(FIGURES, json.dumps(result, indent=1) + "\n")
         print(f"wrote {FIGURES} and the demo section of {README}")
     return 0
 

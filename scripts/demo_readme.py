@@ -9,6 +9,7 @@ import math
 import textwrap
 from pathlib import Path
 
+from dihkit.files.atomic_files import atomic_write_text
 from dihkit.foundations.errors import UserError
 from dihkit.results.report_compare import beyond_spread
 from dihkit.results.report_model import format_cell, summary
@@ -104,7 +105,7 @@ def write_section(path: Path, section: str) -> None:
     start, end = text.find(BEGIN), text.find(END)
     if start < 0 or end < start:
         raise UserError(f"{path} has no demo section: put the two marker lines of scripts/demo_readme.py there")
-    path.write_text(text[:start] + section + text[end + len(END):], encoding="utf-8")
+    atomic_write_text(path, text[:start] + section + text[end + len(END):])
 
 
 def section_of(path: Path) -> str:

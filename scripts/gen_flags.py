@@ -13,6 +13,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS_MD = ROOT / "docs" / "FLAGS.md"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dihkit.files.atomic_files import atomic_write_text  # noqa: E402  (the path above first)
 
 HEADER = """\
 # Flags of `final_test.py`
@@ -89,8 +93,6 @@ def _flag(action: argparse.Action) -> str:
 def render(parser: argparse.ArgumentParser = None) -> str:
     """The whole page for ``parser`` (default: the console's)."""
     if parser is None:
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
         import final_test
         parser = final_test.build_parser()
     out = [HEADER]
@@ -132,8 +134,7 @@ def main(argv=None, path: Path = None) -> int:
             print(f"{shown} is stale: run python3 scripts/gen_flags.py", file=sys.stderr)
             return 1
         return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(), encoding="utf-8")
+    atomic_write_text(path, render())
     print(f"wrote {shown}")
     return 0
 

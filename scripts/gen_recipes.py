@@ -11,7 +11,8 @@ RECIPES_MD = ROOT / "docs" / "RECIPES.md"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dihkit.foundations.recipes import DEFAULT_RECIPE, RECIPES  # noqa: E402  (the path above first)
+from dihkit.files.atomic_files import atomic_write_text  # noqa: E402  (the path above first)
+from dihkit.foundations.recipes import DEFAULT_RECIPE, RECIPES  # noqa: E402
 
 HEADER = f"""\
 # Recipes (`--recipe`)
@@ -99,7 +100,7 @@ def main(argv=None, path: Path = RECIPES_MD) -> int:
             print(f"{path.name} is stale: run python3 scripts/gen_recipes.py", file=sys.stderr)
             return 1
         return 0
-    path.write_text(render(), encoding="utf-8")
+    atomic_write_text(path, render())
     print(f"wrote {path}")
     return 0
 

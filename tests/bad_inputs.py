@@ -67,7 +67,7 @@ EARLIER_CASES = {
                                                                        **prefixed(good_split(), "test")})],
                               "train/a/big.png is 24x24"),
     "teacher_missing": (lambda b, c: [*KD, "--saved_path", c / "nope.pth"], "nope.pth' does not exist"),
-    "teacher_not_given": (lambda b, c: KD, "teacher checkpoint needs --saved_path"),
+    "teacher_not_given": (lambda b, c: KD, "kd needs --saved_path (the trained res8 teacher checkpoint)"),
     "teacher_truncated": (lambda b, c: [*KD, "--saved_path", c / "t.pth"],
                           "teacher_truncated/t.pth' cannot be read; it is truncated"),
     "teacher_empty_file": (lambda b, c: [*KD, "--saved_path", c / "t.pth"],
@@ -343,15 +343,28 @@ RECORD_CASES = {
                                          "trained for 4 classes, but the dataset has 10"),
 }
 
-# Resumes that would change what is trained, and data with a single class.
+# Resumes that would change what is trained, data with a single class, and a file given as the data folder.
 RESUME_CASES = {
     "resume_with_changed_train_subset": (lambda b, c: interrupted(b, "--train_subset", "60"), "--train_subset was 0"),
     "resume_with_changed_val_size": (lambda b, c: interrupted(b, "--val_size", "40"), "--val_size was 20"),
     "resume_with_changed_epochs": (lambda b, c: interrupted(b, "--epochs", "4"), "--epochs was 3"),
     "resume_with_changed_batch_size": (lambda b, c: interrupted(b, "--batch_size", "20"), "--batch_size was 40"),
     "resume_with_changed_temperature": (lambda b, c: interrupted(b, "--kd_temperature", "4"), "--kd_temperature was 5"),
+    # What changes the numbers but not the recipe, each as its value resolved (fp32, contiguous, device on a CPU).
+    "resume_with_changed_precision": (lambda b, c: interrupted(b, "--precision", "bf16"),
+                                      "--precision was 'fp32' in the earlier run but is 'bf16' now"),
+    "resume_with_changed_memory_format": (lambda b, c: interrupted(b, "--memory_format", "channels_last"),
+                                          "--memory_format was 'contiguous' in the earlier run but is 'channels_last' now"),
+    "resume_with_compile": (lambda b, c: interrupted(b, "--compile"),
+                            "--compile was False in the earlier run but is True now"),
+    "resume_with_changed_nan_policy": (lambda b, c: interrupted(b, "--nan_policy", "skip"),
+                                       "--nan_policy was 'stop' in the earlier run but is 'skip' now"),
+    "resume_with_changed_data_path": (lambda b, c: interrupted(b, "--data_path", "loader"),
+                                      "--data_path was 'device' in the earlier run but is 'loader' now"),
     "resume_on_other_data_files": (lambda b, c: interrupted(b, "--data_dir", c / "data"),
                                    "--resume refused: the training data differ"),
+    "data_dir_is_a_file": (lambda b, c: ["--data_dir", b / "teacher.pth"],
+                           "teacher.pth' is a file, not a folder: an image-folder dataset is a folder"),
     "dataset_with_one_class": (lambda b, c: ["--data_dir", dataset(c, {**prefixed(good_split(classes="a"), "train"),
                                                                        **prefixed(good_split(classes="a"), "test")})],
                                "has only one class folder (a)"),

@@ -4,6 +4,7 @@ The recipe trains on 100 images of 16x16 pixels (4 classes, 20 more held out for
 batches an epoch, so a whole three-epoch run takes a few seconds on a busy CPU.
 """
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -102,6 +103,18 @@ def start(args, cwd) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "final_test.py"), *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def signalled_run(args, target: str, nth: int, cwd) -> tuple[int, float, str]:
+    """(exit code, seconds from the SIGTERM to the exit, stderr) of the console signalled at ``target``'s
+    ``nth`` call."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # as ``start``
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "signal_at.py"), target, str(nth), *map(str, args)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    ended = time.time()
+    sent = [float(t) for t in re.findall(r"SIGTERM (\d+\.\d+)", proc.stderr)]  # a progress bar may share its line
+    assert sent, f"the signal was never sent (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc.returncode, ended - sent[0], proc.stderr
 
 
 def wait_for_state(proc: subprocess.Popen, state: Path, timeout: float = 240.0) -> None:

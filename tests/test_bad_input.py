@@ -72,15 +72,7 @@ def check_refused(code: int, err: str, expected: str) -> None:
     assert "error: " in err and expected in err, err
 
 
-# Refused, but only after writing something: known faults, each to be fixed (strict: a fixed one fails here).
-WRITES_BEFORE_REFUSING = {
-    "resume_on_other_data_files": "the new --data_dir's decode cache is written before --resume compares the data",
-}
-
-
-@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.xfail(reason=WRITES_BEFORE_REFUSING[case],
-                                                                            strict=True))
-                                  if case in WRITES_BEFORE_REFUSING else case for case in sorted(CASES)])
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_refused_without_touching_files(base, case, capsys):
     build, expected = CASES[case]
     folder = base / "cases" / case

@@ -200,7 +200,7 @@ def test_at_runs_with_and_without_the_kd_term(teacher, tmp_path):
     (["--training_type", "fitnets", "--guided_layer", "-1"], "--guided_layer must be an integer >= 0, got -1"),
     (["--training_type", "fitnets", "--nesterov_fitnets_1", "maybe"], "expected True/False"),
     (["--training_type", "fitnets", "--epochs_fitnets_1", "2", "--schedule_fitnets_1", "3"], "--schedule_fitnets_1"),
-    (["--training_type", "at", "--student", "res18"], "teacher res8 has 3 stages and the student res18 has 4"),
+    (["--training_type", "at", "--student", "res18"], "--teacher res8 has 3 stages and --student res18 has 4"),
     (["--training_type", "at", "--at_kd_alpha", "1.5"], "--at_kd_alpha must be a finite number >= 0 and <= 1, got 1.5"),
 ])
 def test_bad_input_is_one_sentence_and_exit_2(extra, message, tmp_path, tmp_path_factory, capsys):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dihkit.files import checkpoints
+from dihkit.files import atomic_files, checkpoints
 from dihkit.runs import run_state
 from dihkit.files.checkpoints import DIGEST_KEY, FORMAT, atomic_save, load_model_file, model_record, safe_load
 from console import ROOT, run_inprocess
@@ -122,7 +122,7 @@ def test_a_full_disk_names_the_folder_and_the_bytes_the_file_needed(tmp_path, mo
 def test_written_files_get_the_usual_permissions_not_private_ones(tmp_path):
     atomic_save({"v": torch.ones(1)}, tmp_path / "m.pth")
     mode = stat.S_IMODE((tmp_path / "m.pth").stat().st_mode)
-    assert mode == 0o666 & ~checkpoints.UMASK
+    assert mode == 0o666 & ~atomic_files.UMASK
 
 
 # ----------------------------------------------------------------------------- digests and finite weights

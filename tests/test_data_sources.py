@@ -9,11 +9,12 @@ import time
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
 import torchvision.datasets.utils
-from PIL import Image
+from PIL import Image, ImageOps
 
 import dataload
 from dihkit.sources import decode_cache
@@ -210,6 +211,40 @@ def test_cache_written_to_cache_dir_only(tmp_path, quiet_home, monkeypatch, caps
     again = load_data("imagefolder", str(root), cache_dir=cache_dir)
     assert torch.equal(again.train.images, first.train.images) and capsys.readouterr().out == ""
     assert not quiet_home.exists()
+
+
+def test_a_read_only_load_writes_its_cache_only_when_told(tmp_path, quiet_home, monkeypatch, capsys):
+    """The mode a --resume loads in until its checks pass: the cache is read but not written; the bundle holds
+    the write, which runs once, and a later load reads what it wrote."""
+    root = build_folder(tmp_path / "data")
+    cache_dir = tmp_path / "cache"
+    held = load_data("imagefolder", str(root), cache_dir=cache_dir, cache_read_only=True)
+    assert not cache_dir.exists() and capsys.readouterr().out == ""
+    held.write_held_cache()
+    held.write_held_cache()  # a second call (a later phase or seed) writes nothing
+    assert len(files_under(cache_dir)) == 1 and capsys.readouterr().out.count("Cached the decoded images") == 1
+    monkeypatch.setattr(decode_cache, "_read_image", lambda path: pytest.fail(f"decoded {path} again"))
+    again = load_data("imagefolder", str(root), cache_dir=cache_dir, cache_read_only=True)
+    assert torch.equal(again.train.images, held.train.images) and again.held_writes == []
+
+
+def test_jpeg_exif_orientation_is_not_applied_as_torchvisions_imagefolder(tmp_path, capsys):
+    """A JPEG tagged "rotate 90 degrees" (EXIF orientation 6, as cameras write portrait photos) decodes to its
+    stored pixels, exactly what torchvision's ImageFolder loader gives (docs/METHODS.md, "Your own images")."""
+    from torchvision.datasets.folder import pil_loader
+    root = build_folder(tmp_path / "data")
+    (root / "train" / "bird" / "0.png").unlink()
+    photo = root / "train" / "bird" / "0.jpg"  # the first training image: red left half, blue right half
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[:, :8, 0], pixels[:, 8:, 2] = 250, 250
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(photo, format="JPEG", quality=95, exif=exif)
+    stored = np.asarray(pil_loader(str(photo)))
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(photo)).convert("RGB"))
+    assert not np.array_equal(upright, stored), "the tag would turn the image"
+    decoded = load_data("imagefolder", str(root)).train.images[0]
+    assert torch.equal(decoded, torch.from_numpy(stored.transpose(2, 0, 1).copy()))
 
 
 def test_no_cache_dir_writes_nothing(tmp_path, quiet_home, capsys):

@@ -19,6 +19,7 @@ from PIL import Image
 
 from dihkit.sources import batches
 import dataload
+from dihkit.files import atomic_files
 from dihkit.sources import decode_cache
 from dataload import (
     DATASET_NAMES,
@@ -270,7 +271,7 @@ def test_tiny_imagenet_read_only_cache_folder_skips_cache(tmp_path, monkeypatch,
     def read_only(*args, **kwargs):
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(decode_cache.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(atomic_files.tempfile, "mkstemp", read_only)
     bundle = load_data("tiny-imagenet", str(tmp_path / "data"), download=False, cache_dir=tmp_path / "cache")
     assert len(bundle.train) == 3 and not any((tmp_path / "cache").iterdir())
     assert "continuing without it" in capsys.readouterr().err

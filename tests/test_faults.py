@@ -141,7 +141,8 @@ def test_a_second_signal_stops_at_once_and_resume_still_matches(data, reference,
         os.kill(os.getpid(), signal.SIGINT)
         return loss
 
-    Inject(monkeypatch, [4], two_signals)  # epoch 2, batch 1
+    # Epoch 2, batch 2: between batches, where a first signal alone would wait for the batch to end.
+    Inject(monkeypatch, [5], two_signals)
     code = run_inprocess(ce(data, tmp_path))
     assert code == 130 and "stopped at once" in one_line(capsys.readouterr().err)
     assert (tmp_path / "m.state.pth").read_bytes() == seen["state"], "epoch 1's checkpoint is intact"

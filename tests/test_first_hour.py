@@ -11,6 +11,7 @@ import dataload
 import final_test
 import report
 from dihkit.foundations.errors import UserError
+from dihkit.foundations.registry import REGISTRY
 from console import ROOT, TINY, data_loaded_once, run_inprocess
 from test_dataload import write_image
 from test_results import fake, write
@@ -163,6 +164,40 @@ def test_checks_that_need_no_data_come_before_the_data(tiny_teacher, no_data, tm
     assert message in refused([*TINY, *extra, "--path_to_save", tmp_path / "out.pth"], capsys)
 
 
+# What a training type's own check (``pre_data_check``) refuses from the flags alone, and what its record's
+# ``needs`` implies (a teacher), each before any data: (case id, flags, words of the message).
+TYPE_CHECKS = [
+    # res20 and res8 hold 278,324 and 83,892 parameters with 100 classes, of which 64 x 100 + 100 classify.
+    ("takd_assistant_larger", ["--training_type", "takd", "--teacher", "res8", "--ta", "res20"],
+     "--ta res20 (271,824 parameters before the classifier) is larger than the teacher res8 (77,392)"),
+    ("takd_assistant_smaller", ["--training_type", "takd", "--student", "res14", "--ta", "res8"],
+     "is smaller than the student res14"),
+    ("fitnets_hint_layer", ["--training_type", "fitnets", "--teacher", "res8", "--hint_layer", "3"],
+     "--hint_layer 3 does not exist: res8 has 3 stages"),
+    ("fitnets_guided_layer", ["--training_type", "fitnets", "--guided_layer", "4"], "--guided_layer 4 does not exist"),
+    ("fitnets_stage1_schedule", ["--training_type", "fitnets", "--epochs_fitnets_1", "2", "--schedule_fitnets_1", "3"],
+     "--schedule_fitnets_1 milestones must lie in 1..2"),
+    ("at_stage_counts", ["--training_type", "at", "--student", "res18"], "has 3 stages and --student res18 has 4"),
+    ("tofd_stage_counts", ["--training_type", "tofd", "--teacher", "res18"], "has 4 stages and --student res8 has 3"),
+    ("mhkd_stage_counts", ["--training_type", "mhkd", "--teacher", "vgg11"], "has 4 stages and --student res8 has 3"),
+    ("fine_tune_selection_without_validation", ["--training_type", "fine_tune", "--head_selection", "lowest_val_loss"],
+     "give --val_size"),
+] + [(f"{name}_without_teacher", ["--training_type", name, "--teacher", "res110"],
+       f"{name} needs --saved_path (the trained res110 teacher")
+     for name, t in sorted(REGISTRY.items()) if "teacher" in t.needs]
+
+
+@pytest.mark.parametrize("case, extra, message", TYPE_CHECKS, ids=[c[0] for c in TYPE_CHECKS])
+def test_a_training_types_own_checks_come_before_the_data(no_data, tmp_path, capsys, case, extra, message):
+    assert message in refused([*TINY, "--epochs", "2", *extra, "--path_to_save", tmp_path / "out" / "m.pth"], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_takd_given_a_trained_assistant_needs_no_teacher():
+    takd = REGISTRY["takd"]
+    assert takd.needed({"saved_ta_path": "ta.pth"}) == frozenset() and takd.needed({}) == {"teacher"}
+
+
 # ----------------------------------------------------------------------------- mistyped flags, --help
 
 def test_a_mistyped_flag_gets_the_closest_flags(capsys):
@@ -171,6 +206,14 @@ def test_a_mistyped_flag_gets_the_closest_flags(capsys):
     err = refused(["--lrr", "1", "--epoch_s", "2"], capsys)
     assert "; for --lrr, did you mean --lr" in err and "; for --epoch_s, did you mean --epochs" in err
     assert refused(["--zzzzzz", "1"], capsys).endswith("unrecognized arguments: --zzzzzz 1")
+
+
+def test_a_mistyped_choice_gets_the_closest_choices(capsys):
+    assert refused(["--recipe", "dkdd"], capsys).endswith("invalid choice: 'dkdd' (choose from 'dih', 'crd', 'dkd', "
+                                                          "'dist_cifar', 'dist_imagenet', 'ls'); did you mean dkd?")
+    assert refused(["--student", "res88"], capsys).endswith("; did you mean res8 or res18?")
+    assert refused(["--training_type", "pipeline", "--methods", "kd", "dihh"], capsys).endswith("did you mean dih?")
+    assert refused(["--dataset", "mnist"], capsys).endswith("'synthetic')"), "nothing close: no guess"
 
 
 def test_the_help_opens_with_three_example_commands_that_parse(capsys):

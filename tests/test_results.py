@@ -1,13 +1,19 @@
 """From runs to results: the pipeline (layout, skipping, resuming), the report's table checked by hand,
 its plots, and the sweep scripts' commands."""
+import contextlib
 import csv
+import io
 import json
 import math
 import os
+import random
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -397,6 +403,67 @@ def test_report_plots_are_pngs(records, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         height, width, _ = matplotlib.image.imread(out.parent / name).shape
         assert height >= 400 and width >= 600
+
+
+def writes_in(folder):
+    """An audit hook's test: is this ``open`` event one that opens a file in ``folder`` for writing?"""
+    def test(args) -> bool:
+        path, mode, flags = args
+        writing = set(mode or "") & set("wax+") or (flags or 0) & (os.O_WRONLY | os.O_RDWR)
+        return bool(writing) and isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(str(folder))
+    return test
+
+
+def killed_report(argv, folder, nth: int, delay: float) -> bool:
+    """Run ``report.main(argv)`` in a forked child that SIGKILLs itself ``delay`` s after it opens its ``nth``
+    file in ``folder`` for writing (a temporary file or a final name: whatever the code opens); True if killed."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            opened, writes = [0], writes_in(folder)
+
+            def hook(event, args):
+                if event == "open" and writes(args):
+                    opened[0] += 1
+                    if opened[0] == nth:
+                        threading.Thread(target=lambda: (time.sleep(delay), os.kill(os.getpid(), signal.SIGKILL)),
+                                         daemon=True).start()
+            sys.addaudithook(hook)
+            with contextlib.redirect_stdout(io.StringIO()):
+                report.main(argv)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_report_killed_at_random_moments_never_leaves_a_torn_file_and_reruns_identically(records, tmp_path):
+    """20 SIGKILLs, each a random 0-50 ms after report.py opens its markdown, CSV or one of its six plots for
+    writing (every one of the 8 files at least twice): every file under a final name is always whole (byte for
+    byte what an uninterrupted run writes), and a rerun after the kills writes identical files. Before the
+    atomic writer a kill while a plot was drawn left it at 0 bytes, and one while report.md was written, torn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (imported once here, not in every forked child)
+    inputs = [str(folder) for folder in records]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert report.main([*inputs, "--out", str(tmp_path / "ref" / "r"), "--plots"]) == 0
+    reference = {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()}
+    assert len(reference) == 8
+    out = tmp_path / "killed"
+    out.mkdir()
+    draw, kills = random.Random(31), []
+    for i in range(20):
+        nth, delay = i % len(reference) + 1, draw.uniform(0, 0.05)
+        killed = killed_report([*inputs, "--out", str(out / "r"), "--plots"], out, nth, delay)
+        final = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+        torn = [name for name, data in final.items() if data != reference[name]]
+        assert not torn, f"kill {i + 1} (write {nth}, {delay * 1000:.0f} ms) left torn files {torn}"
+        kills.append(killed)
+    assert sum(kills) >= 15, f"only {sum(kills)} of 20 children were killed before they finished"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert report.main([*inputs, "--out", str(out / "r"), "--plots"]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == reference
 
 
 def test_report_user_errors(tmp_path, capsys):

@@ -5,6 +5,7 @@ references train in this process); the resumed runs go through the console in-pr
 SIGTERM mid-epoch, a two-stage method killed in its second stage, and refused resumes.
 """
 import json
+import re
 import shutil
 import signal
 import threading
@@ -15,9 +16,11 @@ import torch
 import dataload
 import train_funcs
 from dihkit.files.checkpoints import atomic_save
+from dihkit.foundations.errors import UserError
+from dihkit.runs.run_state import check_resume_args
 from dihkit.foundations.registry import REGISTRY
 from console import run_inprocess
-from faults import kill_after_first_epoch, make_imagefolder, recipe, start, wait_for_state
+from faults import kill_after_first_epoch, make_imagefolder, recipe, signalled_run
 
 # The feature baseline tested: CRD when registered (it is, at the time of writing), else AT or FitNets.
 FEATURE = next(t for t in ("crd", "at", "fitnets") if t in REGISTRY)
@@ -75,15 +78,6 @@ def collect(box: dict):
     return box["result"]
 
 
-def sigterm_after_first_epoch(args, cwd, state):
-    """Start the console, send SIGTERM once its epoch-1 checkpoint exists, and wait for it to stop."""
-    proc = start(args, cwd)
-    wait_for_state(proc, state)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
-    return proc.returncode, err
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Teacher and heads; every killed run, started at once in the background; the references in-process."""
@@ -102,8 +96,9 @@ def world(tmp_path_factory):
     jobs["fitnets"] = in_background(kill_after_first_epoch, fitnets_command(base, base / "run" / "fitnets"), base,
                                     base / "run" / "fitnets" / "m_final.state.pth")
     (base / "run" / "sigterm").mkdir()
-    jobs["sigterm"] = in_background(sigterm_after_first_epoch, sigterm_command(base, base / "run" / "sigterm"), base,
-                                    base / "run" / "sigterm" / "m.state.pth")
+    # A real SIGTERM as the 14th batch starts (epoch 2, batch 4): between batches, where the run ends the batch.
+    jobs["sigterm"] = in_background(signalled_run, sigterm_command(base, base / "run" / "sigterm"),
+                                    "train_funcs:Trainer.step", 14, base)
     for kind in TYPES:
         assert run_inprocess(command(kind, base, base / "ref" / kind)) == 0, kind
     # A copy of kd's killed run, for the test that alters its checkpoint (the other resumes it in place).
@@ -183,12 +178,12 @@ def test_two_stage_method_resumes_in_its_second_stage(world, capsys):
 
 def test_sigterm_mid_epoch_stops_cleanly_and_resumes(world, capsys):
     base, killed = world
-    code, err = killed["sigterm"]
+    code, _, err = killed["sigterm"]
     folder = base / "run" / "sigterm"
     assert code == 128 + signal.SIGTERM
-    assert "stopped by signal 15 in epoch 2 after batch" in err and "--resume" in err and "Traceback" not in err
+    assert "stopped by signal 15 in epoch 2 after batch 4" in err and "--resume" in err and "Traceback" not in err
     state = torch.load(folder / "m.state.pth", weights_only=True)
-    assert state["epoch"] == 1 and 0 < state["batch"] < 10, "stopped inside epoch 2"
+    assert state["epoch"] == 1 and state["batch"] == 4, "stopped inside epoch 2, after the batch it was in"
     assert run_inprocess([*sigterm_command(base, folder), "--resume"]) == 0
     # Mid-epoch resumption replays the epoch's draws and skips the batches done: bit-identical as well.
     assert_bit_identical(base / "ref" / "sigterm" / "m.pth", folder / "m.pth")
@@ -240,3 +235,23 @@ def test_resume_follows_the_checkpoint_and_trains_only_the_epochs_left(world, mo
     assert [b for _, b, _ in trained] == [*range(per_epoch)] * 2
     assert torch.equal(trained[0][2], first_batch(state["rng"][0]["data"])), "epoch 2 follows the altered state"
     assert not torch.equal(trained[0][2], first_batch(original)), "the altered state draws other batches"
+
+
+def test_a_resume_may_change_only_what_changes_no_number(tmp_path):
+    """The flags of MAY_CHANGE_ON_RESUME (and trained inputs, compared by weights) may change; every other one
+    is refused naming it and both values, the numerics included; a legacy ``auto`` is not compared."""
+    flags = {"precision": "fp32", "memory_format": "contiguous", "compile": False, "nan_policy": "stop",
+             "deterministic": True, "data_path": "device", "lr": 0.1, "num_workers": 0, "gpu_id": None,
+             "saved_path": "a.pth", "recipe": ["dih"], "data_dir": "data", "explicit_flags": ["lr"]}
+    state = {"args": dict(flags), "seed": 3, "cohort": "c", "data": "d"}
+
+    def check(recorded=state, **changed):
+        check_resume_args(recorded, {**flags, **changed}, 3, "c", "d", tmp_path / "m.state.pth")
+
+    check(num_workers=4, gpu_id="cuda:1", saved_path="b.pth", recipe=["crd"], data_dir="moved", explicit_flags=[])
+    for flag, value in (("precision", "bf16"), ("memory_format", "channels_last"), ("compile", True),
+                        ("nan_policy", "skip"), ("deterministic", False), ("data_path", "loader"), ("lr", 0.2)):
+        with pytest.raises(UserError, match=re.escape(f"--{flag} was {flags[flag]!r} in the earlier run but is "
+                                                      f"{value!r} now")):
+            check(**{flag: value})
+    check({**state, "args": {**flags, "precision": "auto"}}, precision="bf16")

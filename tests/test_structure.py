@@ -1,6 +1,7 @@
 """The structure stays as designed: the layers of LAYERS import only downwards, there are no import
 circles (also through ``from PKG import module`` and relative imports), nothing below the console imports
-it, and every function and module fits its size (scripts/check_sizes.py)."""
+it, every file is written through the one atomic writer (``dihkit/files/atomic_files.py``), and every
+function and module fits its size (scripts/check_sizes.py)."""
 import ast
 import shutil
 import subprocess
@@ -173,6 +174,95 @@ def test_a_planted_upward_import_is_caught(tree_copy):
 def check_sizes(root: Path) -> subprocess.CompletedProcess:
     """scripts/check_sizes.py of the tree at ``root``, run on that tree."""
     return subprocess.run([sys.executable, str(root / "scripts" / "check_sizes.py")], capture_output=True, text=True)
+
+
+# ----------------------------------------------------------------------------- one writer
+
+WRITER = "dihkit/files/atomic_files.py"
+# Methods and functions that write a file: Path.write_text/write_bytes/touch, matplotlib's savefig, torch.save,
+# numpy's save/savez/savetxt, json/pickle.dump, pandas' to_csv, tofile, archive extraction.
+WRITE_CALLS = {"write_text", "write_bytes", "touch", "savefig", "save", "savez", "savez_compressed", "savetxt",
+               "dump", "to_csv", "tofile", "extractall"}
+# Functions that create, replace or move files under a name.
+MOVE_CALLS = {"os.rename", "os.replace", "os.link", "shutil.copy", "shutil.copy2", "shutil.copyfile",
+              "shutil.copytree", "shutil.move"}
+WRITE_FLAGS = {"O_WRONLY", "O_RDWR", "O_CREAT", "O_APPEND", "O_TRUNC"}
+# The writes that cannot go through the writer, and why.
+ALLOWED = {
+    # A lock file is locked in place (flock needs the same file for the run's whole life), never replaced.
+    ("dihkit/files/output_lock.py", "os.open"),
+}
+
+
+def dotted(node) -> str:
+    """``os.open`` for the expression ``os.open``, ``open`` for ``open``; '' for anything else."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        inner = dotted(node.value)
+        return f"{inner}.{node.attr}" if inner else f"?.{node.attr}"
+    return ""
+
+
+def writer_files(tree) -> set:
+    """Names bound by ``with atomic_file(...) as name``: a write into one of them goes through the writer."""
+    return {item.optional_vars.id for node in ast.walk(tree) if isinstance(node, (ast.With, ast.AsyncWith))
+            for item in node.items if isinstance(item.context_expr, ast.Call)
+            and dotted(item.context_expr.func).split(".")[-1] == "atomic_file" and isinstance(item.optional_vars, ast.Name)}
+
+
+def open_mode(call: ast.Call) -> str:
+    """The mode string of an ``open``-like call ('' when none is given or it is not a literal)."""
+    mode = next((k.value for k in call.keywords if k.arg == "mode"), call.args[1] if len(call.args) > 1 else None)
+    return mode.value if isinstance(mode, ast.Constant) and isinstance(mode.value, str) else ""
+
+
+def write_kind(call: ast.Call, into_writer: set) -> str | None:
+    """What kind of file write ``call`` is, or None when it writes no file (or writes into the writer's file)."""
+    name = dotted(call.func)
+    last = name.split(".")[-1]
+    if last in WRITE_CALLS and not any(isinstance(a, ast.Name) and a.id in into_writer for a in call.args):
+        return f"{last}("
+    if name in MOVE_CALLS:
+        return f"{name}("
+    if last in ("open", "fdopen") and name != "os.open" and set(open_mode(call)) & set("wax+"):
+        return f"{last}(..., {open_mode(call)!r})"
+    if name == "os.open" and any(isinstance(n, ast.Attribute) and n.attr in WRITE_FLAGS
+                                 for a in call.args[1:2] for n in ast.walk(a)):
+        return "os.open"
+    return None
+
+
+def unsafe_writes(root: Path = ROOT) -> list:
+    """Every ``(file:line, call)`` outside the writer that writes a file another way (``ALLOWED`` apart)."""
+    found = []
+    for path in sorted(modules(root).values()):
+        rel = path.relative_to(root).as_posix()
+        if rel == WRITER:
+            continue
+        tree = ast.parse(path.read_text())
+        into_writer = writer_files(tree)
+        for node in sorted((n for n in ast.walk(tree) if isinstance(n, ast.Call)), key=lambda n: (n.lineno, n.col_offset)):
+            kind = write_kind(node, into_writer)
+            if kind and (rel, kind) not in ALLOWED:
+                found.append((f"{rel}:{node.lineno}", kind))
+    return found
+
+
+def test_every_file_is_written_through_the_atomic_writer():
+    assert unsafe_writes() == [], "write these through dihkit/files/atomic_files.py"
+
+
+def test_planted_writes_of_every_kind_are_caught(tree_copy):
+    """What report.py did before the writer (write_text, savefig on final names), and the other ways."""
+    planted = ("from pathlib import Path\nimport json, os, shutil, torch\n"
+               "Path('r.md').write_text('x')\nfig.savefig('r.png')\ntorch.save({}, 'm.pth')\n"
+               "open('r.csv', 'w').write('x')\nopen('r.csv', mode='a')\njson.dump({}, f)\n"
+               "os.replace('a', 'b')\nos.open('x', os.O_WRONLY | os.O_CREAT)\nopen('r.csv').read()\n"
+               "with atomic_file('r.npz') as out:\n    np.savez(out, a=1)\n")
+    (tree_copy / "report.py").write_text(planted + (tree_copy / "report.py").read_text())
+    assert [kind for where, kind in unsafe_writes(tree_copy) if where.startswith("report.py:")] == [
+        "write_text(", "savefig(", "save(", "open(..., 'w')", "open(..., 'a')", "dump(", "os.replace(", "os.open"]
 
 
 def test_functions_and_modules_fit_their_size():

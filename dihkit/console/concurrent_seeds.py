@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from dihkit.files.atomic_files import open_log
 from dihkit.foundations.errors import UserError
 from dihkit.foundations.registry import TrainingType
 from dihkit.runs.run_outputs import RunPaths
@@ -41,8 +42,7 @@ def run_concurrently(t: TrainingType, argv: list, outputs: list, workers: int) -
         while pending and len(running) < workers:
             seed, out = pending.pop(0)
             log = out.with_suffix(".log")
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "w") as f:
+            with open_log(log) as f:
                 proc = subprocess.Popen(child_command(argv, seed, out), stdout=f, stderr=subprocess.STDOUT,
                                         env=child_env(workers))
             running[proc] = (seed, log)

@@ -63,16 +63,13 @@ def apply_recipe(args, given: set) -> None:
 
 
 def check_weights(args) -> None:
-    """Refuse contradictory loss weights and a head selection without a validation split, before any data."""
+    """Refuse contradictory loss weights, before any data."""
     if "kd_alpha" in args.explicit_flags and any(getattr(args, w) is not None for w in WEIGHTS):
         raise UserError("--kd_alpha contradicts --ce_weight/--kd_weight: give either --kd_alpha (KD weight alpha, "
                         "CE weight 1 - alpha) or both --ce_weight and --kd_weight")
     if (args.ce_weight is None) != (args.kd_weight is None):
         missing = "--kd_weight" if args.kd_weight is None else "--ce_weight"
         raise UserError(f"--ce_weight and --kd_weight go together: {missing} is missing")
-    if getattr(args, "head_selection", "last") == "lowest_val_loss" and args.val_size == 0:
-        raise UserError("--head_selection lowest_val_loss selects on the validation split, never the test split: "
-                        "give --val_size (images held out of the training set)")
 
 
 def parse_command(parser: argparse.ArgumentParser, argv: list, resolve_models=None):

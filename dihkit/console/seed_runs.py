@@ -37,14 +37,17 @@ def seed_outputs(out: Path, seeds: list, is_dir: bool = False) -> list:
 
 def check_before_data(t: TrainingType | None, cfg: Settings, outputs: list, dist: Dist):
     """Refuse everything the flags and the input files' headers show before any data is read or anything
-    written: output names that collide with each other or an input, or are too long; trained inputs that do
-    not fit (``check_inputs``); outputs another live run claims, or that exist. Every phase of every seed
-    counts. Returns the claim to hold (``with``) from the data's loading to the run's end; the test mode
-    (``t`` None) writes nothing and claims nothing.
+    written: what the training type's own check refuses (``pre_data_check``); output names that collide with
+    each other or an input, or are too long; trained inputs that do not fit (``check_inputs``) or are missing;
+    outputs another live run claims, or that exist. Every phase of every seed counts. Returns the claim to hold
+    (``with``) from the data's loading to the run's end; the test mode (``t`` None) writes nothing and claims
+    nothing.
     """
     if t is None:
         check_inputs(None, cfg)
         return nullcontext()
+    if t.pre_data_check is not None:
+        t.pre_data_check(cfg)
     runs = [RunPaths.for_output(path, is_dir) for _, out in outputs for path, is_dir in t.outputs(out, cfg.flags)]
     check_output_names(runs, trained_inputs(t, cfg))
     check_inputs(t, cfg)

@@ -10,20 +10,18 @@ tensor by tensor. Every file is written atomically and read with
 bytes, and reading it checks that digest: bytes changed on disk are refused even when the file still parses.
 """
 import copy
-import errno
 import hashlib
-import io
 import os
 import pickle
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dihkit.files.atomic_files import atomic_torch_save
 from dihkit.foundations.errors import UserError
 from models_repo import MODELS, build_model
 from models_repo.upstream import (BATCH_COUNTER, BENCHMARK_VGGS, from_earlier_layout, from_upstream, in_earlier_layout,
@@ -31,51 +29,10 @@ from models_repo.upstream import (BATCH_COUNTER, BENCHMARK_VGGS, from_earlier_la
 
 FORMAT = "dih-toolkit/1"
 DIGEST_KEY = "tensors_sha256"
-# The process's file-creation mask (reading it means setting it; done once, before any thread starts).
-UMASK = os.umask(0)
-os.umask(UMASK)
 # Files already reported as carrying no digest: one notice per file and process, however often it is read.
 _UNDIGESTED = set()
 # Upstream files already reported as converted: one notice per file and process.
 _CONVERTED = set()
-
-
-def write_error(path: Path, error: OSError, size: int) -> UserError:
-    """The sentence for a write that failed; the file that was there before is intact."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return UserError(f"no space left in '{path.absolute().parent}' to write '{path.name}' ({size:,} bytes "
-                         f"needed); the previous file is kept: free space and run the command again (with "
-                         f"--resume to continue the run)")
-    return UserError(f"cannot write '{path}': {error.strerror or error}; the previous file is kept")
-
-
-def atomic_write(path, data) -> None:
-    """Write the bytes ``data`` to ``path`` so that a kill at any instant leaves the old file or the new one.
-
-    The bytes go to a temporary file ``.<name>.<random>.tmp`` in the same folder (a rename is only atomic
-    within one file system), are flushed and fsynced, and only then replace ``path``; any failure removes the
-    temporary file, and a full disk or another OS error becomes one sentence naming the folder and the size.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise write_error(path, e, len(data)) from None
-    try:
-        # mkstemp creates the file private (0600); give it the permissions any new file of the user gets.
-        os.fchmod(fd, 0o666 & ~UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):  # disk full, permissions changed mid-run: the old file is intact
-            raise write_error(path, e, len(data)) from None
-        raise
 
 
 def on_cpu(obj):
@@ -124,17 +81,11 @@ def file_digest(obj: dict) -> str:
 
 
 def atomic_save(obj, path) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically (see ``atomic_write``); a dict records its digest.
-
-    The file is serialised in memory first, so its size is known and a full disk is an ``OSError`` of the
-    write itself (torch would wrap it in a ``RuntimeError``).
-    """
+    """``torch.save`` ``obj`` to ``path`` atomically (``atomic_files.atomic_torch_save``); a dict records its digest."""
     if isinstance(obj, dict):
         obj = on_cpu(obj)
         obj[DIGEST_KEY] = file_digest(obj)
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, buffer.getbuffer())
+    atomic_torch_save(obj, path)
 
 
 def refusal_reason(error: Exception) -> str:

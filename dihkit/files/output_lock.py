@@ -8,14 +8,10 @@ removes the lock files, while still holding them, and the folders the claim crea
 """
 import fcntl
 import os
-import re
 from pathlib import Path
 
+from dihkit.files.atomic_files import TEMP_FILE
 from dihkit.foundations.errors import UserError
-
-# A temporary file of checkpoints.atomic_write: ``.<name>.`` + mkstemp's 8 random characters + ``.tmp``.
-TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
-
 
 def lock_file(path: Path) -> Path:
     """The lock file that claims ``path``: ``.<name>.lock`` in the same folder."""

@@ -6,6 +6,7 @@ loaded, so ``inf``, ``nan`` and out-of-range values end in one sentence (``check
 import argparse
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 
 
@@ -76,6 +77,8 @@ def parse_bool(text: str) -> bool:
 
 # How argparse starts its message for flags no parser declares.
 UNRECOGNIZED = "unrecognized arguments: "
+# argparse's refusal of a value outside a flag's choices: ``argument --recipe: invalid choice: 'dkdd' (...)``.
+INVALID_CHOICE = re.compile(r"argument (?P<flag>[^:]+): invalid choice: '(?P<value>[^']*)'")
 
 
 class Unset(str):
@@ -97,9 +100,10 @@ class Parser(argparse.ArgumentParser):
 
     def suggestions(self, message: str) -> str:
         """For argparse's ``unrecognized arguments`` message, the known flags closest to each unknown one:
-        ``; did you mean --temperature?`` (empty when none is close)."""
+        ``; did you mean --temperature?``; for an ``invalid choice``, the closest choices (``choice_hint``);
+        empty when none is close."""
         if not message.startswith(UNRECOGNIZED):
-            return ""
+            return self.choice_hint(message)
         owner = {option: action for action in self._actions for option in action.option_strings}
         unknown = [word.split("=")[0] for word in message[len(UNRECOGNIZED):].split() if word.startswith("--")]
         hints = []
@@ -113,6 +117,16 @@ class Parser(argparse.ArgumentParser):
             if close:
                 hints.append(("" if len(unknown) == 1 else f"for {word}, ") + f"did you mean {' or '.join(close)}?")
         return "".join(f"; {hint}" for hint in hints)
+
+    def choice_hint(self, message: str) -> str:
+        """For argparse's ``invalid choice`` message, the flag's choices closest to the value typed, as a
+        mistyped flag gets them: ``--recipe dkdd`` -> ``; did you mean dkd?``."""
+        found = INVALID_CHOICE.match(message)
+        action = found and next((a for a in self._actions if found["flag"].split("/")[0] in a.option_strings), None)
+        if not action or not action.choices:
+            return ""
+        close = difflib.get_close_matches(found["value"], [str(c) for c in action.choices], n=2, cutoff=0.6)
+        return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -44,6 +44,10 @@ class TrainingType:
     final_phase: str | None = None       # the phase holding its final result, when not named after the type
     also_final: tuple = ()               # phases of the type's other forms that hold a final result too
     needs: frozenset = frozenset()       # {"teacher", "heads"}: the trained inputs the pipeline must pass
+    needs_for: Callable | None = None    # needs_for(flags) -> what one command reads, when its flags decide
+                                         # (TAKD given a trained assistant reads no teacher); default: needs
+    pre_data_check: Callable | None = None  # pre_data_check(cfg: Settings): refuses what the flags alone show
+                                            # (stage counts, layers, sizes); the console runs it before any data
     in_pipeline: bool = True             # can be a pipeline method
     same_stages: bool = False            # pairs teacher and student stage by stage (equal stage counts)
     frozen_reference: bool = False       # its record's reference_test measures the run's --saved_path teacher
@@ -57,6 +61,10 @@ class TrainingType:
     def result_keys(self) -> tuple:
         """Every flag whose value changes what this type trains (resume and pipeline staleness checks)."""
         return RECIPE_KEYS + tuple(k for k in self.depends_on if k not in RECIPE_KEYS)
+
+    def needed(self, flags) -> frozenset:
+        """The trained inputs a command with ``flags`` reads (the console refuses one without them)."""
+        return self.needs_for(flags) if self.needs_for else self.needs
 
     @property
     def final_phase_name(self) -> str:

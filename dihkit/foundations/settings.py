@@ -1,9 +1,9 @@
 """Typed, frozen settings built once from the parsed flags; code below the console reads these, never argparse.
 
-``Settings.flags`` keeps every flag's value as a plain dict: result and resume files record it, and
-resume compares a training type's ``result_keys`` against it.
+``Settings.flags`` keeps every flag's value as a plain dict (``auto`` values as the console resolved them):
+result and resume files record it, and a resume compares it with the earlier run's.
 """
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 
 
@@ -106,7 +106,6 @@ class Settings:
     models: ModelSettings
     method: object = None
     flags: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
-    result_keys: tuple = ()               # the flags a resume must not change (the training type's)
     command: str = ""                     # the console command line (run_outputs.console_command) result files record
 
 
@@ -116,11 +115,17 @@ def pick(cls, values: dict, **renamed):
                   if renamed.get(f.name, f.name) in values})
 
 
-def settings_from_flags(values: dict, method_settings=None, result_keys: tuple = ()) -> Settings:
+def settings_from_flags(values: dict, method_settings=None) -> Settings:
     """Settings from a dict of flag values (``vars`` of the console's namespace, milestones resolved)."""
     optim = OptimSettings(values["epochs"], values["lr"], values["wd"], tuple(values["schedule"]),
                           values["schedule_gamma"], values["momentum"], values["nesterov"])
     method = pick(method_settings, values) if method_settings is not None else None
     return Settings(values["training_type"], pick(RunSettings, values), pick(DataSettings, values), optim,
                     pick(ModelSettings, values, heads_dir="saved_intermediates_directory"), method,
-                    MappingProxyType(dict(values)), tuple(result_keys))
+                    MappingProxyType(dict(values)))
+
+
+def with_resolved(cfg: Settings, **values) -> Settings:
+    """``cfg`` whose flags record ``values``, what ``auto`` flags resolved to on this machine: result files and
+    a resume's checks then see what ran."""
+    return replace(cfg, flags=MappingProxyType({**cfg.flags, **values}))

@@ -12,7 +12,9 @@ from torch import nn
 from dih_utils import fingerprint, heads_meta, load_heads, mount_shapes
 from dihkit.foundations.errors import UserError
 from dihkit.foundations.flags import Range, flag
-from models_repo import build_model, count_parameters
+from dihkit.foundations.settings import Settings
+from dihkit.runs.model_loading import skeleton
+from models_repo import count_parameters
 from dihkit.runs.run_context import RunContext
 from dihkit.runs.run_outputs import RunPaths, claim_outputs
 from train_fine_tune import HeadTuning
@@ -29,19 +31,15 @@ def heads_outputs(out: Path, flags, saved_flag: str) -> list:
     return own + [(Path(out), False)]
 
 
-def require_same_stages(ctx: RunContext) -> int:
-    """The common stage count of ``--teacher`` and ``--student``; refuse architectures that differ in it.
-
-    TOFD and MHKD pair teacher and student stage by stage; with different counts no pairing is the
-    natural one, so the run is refused rather than pairing stages arbitrarily.
-    """
-    args = ctx.cfg.models
-    k_t = build_model(args.teacher, ctx.info.num_classes).num_stages
-    k_s = build_model(args.student, ctx.info.num_classes).num_stages
+def require_same_stages(cfg: Settings) -> None:
+    """Refuse a ``--teacher`` and ``--student`` whose stage counts differ, before any data (TOFD's and MHKD's
+    check): they pair teacher and student stage by stage, and with different counts no pairing is the natural
+    one, so the run is refused rather than pairing stages arbitrarily."""
+    args = cfg.models
+    k_t, k_s = skeleton(args.teacher).num_stages, skeleton(args.student).num_stages
     if k_t != k_s:
-        raise UserError(f"{ctx.cfg.training_type} pairs teacher and student stage by stage, but --teacher {args.teacher} "
+        raise UserError(f"{cfg.training_type} pairs teacher and student stage by stage, but --teacher {args.teacher} "
                         f"has {k_t} stages and --student {args.student} has {k_s}; choose models with equal stage counts")
-    return k_t
 
 
 def report_extra(ctx: RunContext, modules: dict) -> None:

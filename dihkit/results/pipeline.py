@@ -30,7 +30,8 @@ from dihkit.console.console_flags import default_milestones, resolve_defaults
 from dihkit.console.recipe_flags import parse_command
 from dihkit.foundations.errors import UserError
 from dihkit.foundations.registry import REGISTRY
-from dihkit.runs.run_outputs import RunPaths, console_command, output_exists, write_json
+from dihkit.files.atomic_files import atomic_write_json
+from dihkit.runs.run_outputs import RunPaths, console_command, output_exists
 
 # Flags the pipeline sets per step, or that only the pipeline reads; all others are passed through.
 OWNED = frozenset({"help", "training_type", "path_to_save", "saved_path", "saved_intermediates_directory", "seed",
@@ -175,12 +176,12 @@ def run_pipeline(args, parser, run_step) -> int:
             continue
         argv = list(s.argv) + (["--overwrite"] if args.overwrite else ["--resume"] if s.started() else [])
         entry.update(status="started", command=console_command(argv))
-        write_json(root / MANIFEST, manifest)
+        atomic_write_json(root / MANIFEST, manifest)
         print(f"== [{i}/{len(steps)}] {s.name}: {entry['command']}", flush=True)
         code = run_step(argv, data_cache)
         if code:
             return code
         entry["status"] = "complete"
-    write_json(root / MANIFEST, manifest)
+    atomic_write_json(root / MANIFEST, manifest)
     print(report.write_report([root], root / "report", plots=True))
     return 0

@@ -2,6 +2,7 @@
 import statistics
 from pathlib import Path
 
+from dihkit.files.atomic_files import atomic_savefig
 from dihkit.runs.evaluation import headline
 from dihkit.results.report_model import Pair, Table, summary
 
@@ -19,7 +20,7 @@ def finish_axes(fig, ax, path: Path) -> None:
     """Grid, the legend outside the axes (many rows would hide the data), and the file."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_curves(table: Table, pair: Pair, path: Path, plt) -> bool:

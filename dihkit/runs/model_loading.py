@@ -14,7 +14,7 @@ import dataload
 from dihkit.files.checkpoints import file_arch, load_model_file, read_model_file
 from dih_utils import check_heads_folder, freeze
 from dihkit.foundations.errors import UserError
-from models_repo import build_model
+from models_repo import build_model, count_parameters
 from dihkit.foundations.registry import TrainingType
 from dihkit.runs.run_context import RunContext
 from dihkit.foundations.settings import Settings
@@ -31,10 +31,17 @@ def new_model(ctx: RunContext, arch: str) -> nn.Module:
     return build_model(arch, ctx.info.num_classes).to(ctx.device)
 
 
-def skeleton(ctx: RunContext, arch: str) -> nn.Module:
-    """A registry model on the meta device: its structure and size, without memory, time or RNG draws."""
+def skeleton(arch: str) -> nn.Module:
+    """A registry model on the meta device: its structure without memory, time, RNG draws or data (its
+    classifier has a placeholder size: the class count can come from the data)."""
     with torch.device("meta"):
-        return build_model(arch, ctx.info.num_classes)
+        return build_model(arch, 2)
+
+
+def size_before_classifier(arch: str) -> int:
+    """Parameters of ``arch`` except its final linear classifier, whose size follows the dataset's classes."""
+    model = skeleton(arch)
+    return count_parameters(model) - count_parameters(model.fc)
 
 
 def load_trained(ctx: RunContext, arch: str, path, what: str) -> tuple[nn.Module, dict]:
@@ -73,11 +80,14 @@ def trained_inputs(t: TrainingType | None, cfg: Settings) -> list[tuple[str, Pat
 
 
 def check_needs(t: TrainingType | None, cfg: Settings) -> None:
-    """Refuse a command that lacks a trained input it always reads: the test mode's model, a type's heads. A
-    missing teacher is left to the type (TAKD given a trained assistant reads none)."""
+    """Refuse a command that lacks a trained input it reads: the test mode's model, a type's teacher or heads
+    (``TrainingType.needed``: TAKD given a trained assistant reads no teacher)."""
     if t is None and cfg.models.saved_path is None:
         raise UserError("test needs --saved_path (the model to evaluate)")
-    if t is not None and "heads" in t.needs and cfg.models.heads_dir is None:
+    needed = t.needed(cfg.flags) if t is not None else frozenset()
+    if "teacher" in needed and cfg.models.saved_path is None:
+        raise UserError(f"{t.name} needs --saved_path (the trained {cfg.models.teacher} teacher checkpoint)")
+    if "heads" in needed and cfg.models.heads_dir is None:
         raise UserError(f"{t.name} needs --saved_intermediates_directory (the heads written by --training_type "
                         "fine_tune)")
 

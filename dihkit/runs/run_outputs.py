@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dihkit.files.checkpoints import atomic_write
 from dih_utils import looks_like_head
 from dihkit.foundations.errors import UserError
 from dihkit.files.output_lock import OutputLock, remove_stray_temps
@@ -75,12 +74,6 @@ def console_command(argv) -> str:
     pipeline's plan record it; ``eval`` it there to rerun)."""
     script = os.path.relpath(Path(__file__).resolve().parents[2] / "final_test.py", Path.cwd())
     return shlex.join(["python3", script, *map(str, argv)])
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write a JSON file atomically."""
-    text = json.dumps(obj, indent=2, default=str).encode()
-    atomic_write(path, text)
 
 
 def nearest_folder(path: Path) -> Path:

@@ -13,8 +13,9 @@ from dihkit.runs.distributed import Dist
 from dihkit.foundations.errors import UserError
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a resumable checkpoint was written after the current batch."""
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM stopped the run (``StopFlag``). Like KeyboardInterrupt it is not an ``Exception``: it can be
+    raised by the signal handler anywhere, and no ``except Exception`` may take it for an error."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -53,16 +54,30 @@ def set_rng_state(state: dict, generator: torch.Generator, device: torch.device)
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def kept_checkpoint(state: Path) -> str:
+    """What a run stopped before writing its next checkpoint leaves to resume from."""
+    return f"the last good checkpoint '{state}' is kept" if state.is_file() else "no checkpoint had been written yet"
+
+
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop reads after each batch; a second signal stops at once."""
+    """Turns SIGINT/SIGTERM into a stop within moments, wherever it lands while a phase trains.
+
+    Between training batches (``between_batches``, set by the loop once an epoch's first batch is done) the
+    signal is a flag the loop reads after the current batch, which then writes a checkpoint. Anywhere else
+    (an epoch's start: a resume's skipped batches, the first batch, compilation; evaluation; writing a
+    checkpoint) waiting could take minutes, so the run stops at once and the last checkpoint is kept. A
+    second signal always stops at once. Atomic writes keep every checkpoint whole wherever the stop lands.
+    """
 
     # Batches between the ranks' agreement on the flag in a distributed run (each check is a host sync).
     SYNC_EVERY = 16
 
-    def __init__(self, dist: Dist):
+    def __init__(self, dist: Dist, checkpoint: Path):
         self.signum = None
         self.previous = {}
         self.dist = dist
+        self.checkpoint = checkpoint
+        self.between_batches = False
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -70,11 +85,19 @@ class StopFlag:
         return self
 
     def handle(self, signum, frame):
-        """Remember the signal; the loop stops after the current batch. A second signal does not wait:
-        atomic writes guarantee the last checkpoint is whole wherever the interruption lands."""
+        """Remember the signal for the loop, or, outside the batches, stop at once (see the class)."""
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        if not self.between_batches:
+            raise self.stopped("outside the training batches (an epoch's start, evaluation or a checkpoint)")
+
+    def stopped(self, where: str, kept: str | None = None) -> Interrupted:
+        """The exception that ends a signalled run, saying where it stopped and what is ``kept`` (default: the
+        last checkpoint)."""
+        kept = kept or kept_checkpoint(self.checkpoint)
+        return Interrupted(f"stopped by signal {self.signum} {where}; {kept}: rerun the same command with --resume",
+                           self.signum)
 
     def requested(self, batch: int | None = None) -> bool:
         """Whether to stop now (``batch``: index of the batch just done; None at the end of an epoch).
@@ -94,19 +117,41 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def check_resume_args(state: dict, flags, keys, seed: int, cohort_id: str | None, path: Path) -> None:
-    """Refuse a resume that would change what is trained: a flag of ``keys``, the seed, or the frozen
-    teacher/heads (compared by their weights, whatever file they now come from)."""
+# The flags a resume may change, because none of them changes a number the run computes (docs/RELIABILITY.md).
+# Every other flag the earlier run recorded must be the same, its ``auto`` values as they resolved.
+MAY_CHANGE_ON_RESUME = frozenset({
+    "resume", "overwrite", "summary",                   # what the command does, not what the run computes
+    "seed", "concurrent_seeds", "path_to_save",         # which runs, and where: the run's own seed is compared
+    "gpu_id", "dist_timeout",                           # where it runs (the resolved precision and layout count)
+    "num_workers",                                      # each image draws its augmentation from its own seed
+    "prefetch_factor", "persistent_workers",            # when the loader works, not what it yields
+    "data_dir", "cache_dir", "no_cache",                # where the data come from: the data are compared
+    "recipe", "recipe_values", "explicit_flags",        # how the values were set: the values are compared
+    "methods", "teacher_epochs", "teacher_schedule",    # the pipeline's own: no step reads them
+})
+
+
+def may_change_on_resume(flag: str) -> bool:
+    """Whether ``--flag`` may differ from the earlier run's on a resume; a trained input (``--saved_*``) may,
+    because the frozen teacher and heads are compared by their weights, whatever file they come from."""
+    return flag in MAY_CHANGE_ON_RESUME or flag.startswith("saved_")
+
+
+def check_resume_args(state: dict, flags, seed: int, cohort_id: str | None, data_id: str, path: Path) -> None:
+    """Refuse a resume that would change the numbers: any recorded flag but those that ``may_change_on_resume``
+    (named with both values), the seed, the frozen teacher/heads (compared by their weights), or the data."""
     saved = state.get("args", {})
-    for key in keys:
-        if key in saved and key in flags and saved[key] != flags[key]:
-            raise UserError(f"--resume refused: --{key} was {saved[key]!r} in the earlier run "
-                            f"'{path}' but is {flags[key]!r} now")
+    for key, value in saved.items():
+        # "auto" is what files written before the flags recorded their resolved values hold: not compared.
+        if key in flags and not may_change_on_resume(key) and value not in (flags[key], "auto"):
+            raise UserError(f"--resume refused: --{key} was {value!r} in the earlier run but is {flags[key]!r} now "
+                            f"('{path}'); give the earlier value to continue it, or --overwrite to start over")
     if state.get("seed", seed) != seed:
         raise UserError(f"--resume refused: --seed was {state['seed']} in the earlier run '{path}' but is {seed} now")
     if state.get("cohort", cohort_id) != cohort_id:
         raise UserError(f"--resume refused: the frozen teacher or heads differ from those of the earlier run "
                         f"'{path}' (another --saved_path or heads folder)")
+    check_same_data(state, data_id, path)
 
 
 def check_same_data(state: dict, data_id: str, path: Path) -> None:

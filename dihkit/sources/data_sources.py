@@ -224,6 +224,9 @@ def _fetch_tiny_imagenet(data_dir: str, download: bool) -> None:
 def list_image_tree(data_dir: str, test_name: str = "test") -> ImageTree:
     """List ``data_dir/{train,<test_name>}/<class>/<image>``: classes in sorted folder order, files by name."""
     root = Path(data_dir)
+    if root.is_file():
+        raise UserError(f"--data_dir '{root}' is a file, not a folder: an image-folder dataset is a folder holding "
+                        f"train/ and {test_name}/, with one subfolder of images per class in each.")
     train_root, test_root = root / "train", root / test_name
     classes = _imagefolder_classes(root, train_root, test_root)
     train_files, train_labels = _gather(train_root, classes, require_each=True)

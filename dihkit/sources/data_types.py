@@ -10,7 +10,7 @@ which re-exports them) can all use them without importing each other in a circle
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -75,7 +75,8 @@ class DataBundle:
     """All splits of one dataset; ``val`` is ``None`` unless a validation hold-out was requested.
 
     ``held`` says in words how the images are held and why (in memory, or streamed from their files);
-    the console prints it among a run's first lines.
+    the console prints it among a run's first lines. ``held_writes``: the decode-cache writes a read-only
+    load put off (``write_held_cache`` runs them).
     """
 
     info: DatasetInfo
@@ -83,11 +84,18 @@ class DataBundle:
     val: Split | FileSplit | None
     test: Split | FileSplit
     held: str = ""
+    held_writes: list = field(default_factory=list, repr=False)
 
     @property
     def streamed(self) -> bool:
         """Whether the images stay in their files and are decoded per batch."""
         return isinstance(self.train, FileSplit)
+
+
+    def write_held_cache(self) -> None:
+        """Write the decode cache a read-only load put off, once (a resume calls it when its checks passed)."""
+        while self.held_writes:
+            self.held_writes.pop(0)()
 
 
 @dataclass(frozen=True)

@@ -3,30 +3,48 @@
 Decoding 100k JPEGs takes minutes, so the decoded splits can be kept in a cache folder (by default
 ``default_cache_dir()``, never inside the user's data folder). Each data folder gets its own file,
 named after the folder and a hash of its absolute path, and the file records a digest of every image's
-name, size and modification time, so a changed folder is decoded again rather than misread.
+name, size and modification time, so a changed folder is decoded again rather than misread. Within
+``writes_held`` (the read-only mode a ``--resume`` loads its data in, until the resume's checks pass) a
+missing or stale cache is decoded but not written: its write is handed to the caller.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import sys
-import tempfile
 import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from dihkit.files.atomic_files import atomic_file
 from dihkit.sources.data_types import Split
 from dihkit.foundations.errors import UserError
 
 # Bumped whenever the cache layout changes, so an old file is rebuilt rather than misread.
 _CACHE_VERSION = "1"
+# While ``writes_held`` runs: the cache writes put off (callables), else None (caches are written at once).
+_held: list | None = None
+
+
+@contextmanager
+def writes_held():
+    """Read-only cache mode: within the block no cache file is written; yields the list of the writes put off
+    (each a callable writing one cache), for the caller to run once writing is allowed."""
+    global _held
+    outer, _held = _held, []
+    try:
+        yield _held
+    finally:
+        _held = outer
 
 
 def default_cache_dir() -> str:
@@ -61,7 +79,7 @@ def decode_splits(
 ) -> tuple[Split, Split]:
     """Decode both splits' image files, reusing ``root``'s cache in ``cache_dir`` when it matches the file list.
 
-    ``cache_dir=None`` decodes every time and writes nothing.
+    ``cache_dir=None`` decodes every time and writes nothing; within ``writes_held`` the write is put off.
     """
     files = train_files + test_files
     cache = None
@@ -76,7 +94,11 @@ def decode_splits(
     train = Split(torch.from_numpy(images[:n_train]), torch.tensor(train_labels, dtype=torch.int64))
     test = Split(torch.from_numpy(images[n_train:]), torch.tensor(test_labels, dtype=torch.int64))
     if cache is not None:
-        _write_cache(cache, key, len(files), train, test)
+        write = functools.partial(_write_cache, cache, key, len(files), train, test)
+        if _held is None:
+            write()
+        else:
+            _held.append(write)
     return train, test
 
 
@@ -115,35 +137,23 @@ def _read_cache(cache: Path, key: str, count: int) -> tuple[Split, Split] | None
 def _write_cache(cache: Path, key: str, count: int, train: Split, test: Split) -> None:
     """Store decoded splits in ``cache`` and say so on stdout; a cache that cannot be written is reported, not fatal."""
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=".dataload-", suffix=".tmp", dir=cache.parent)
-    except OSError as err:
-        print(f"Could not write the decoded-image cache in {cache.parent} ({err}); continuing without it.",
-              file=sys.stderr)
-        return
-    try:
-        with os.fdopen(handle, "wb") as out:
-            np.savez(
-                out,
-                key=np.array(key),
-                count=np.array(count),
-                train_images=train.images.numpy(),
-                train_labels=train.labels.numpy(),
-                test_images=test.images.numpy(),
-                test_labels=test.labels.numpy(),
-            )
-        # Readers never see a half-written cache because the rename is atomic.
-        os.replace(temp_name, cache)
-    except OSError as err:
-        Path(temp_name).unlink(missing_ok=True)
-        print(f"Could not write the decoded-image cache {cache} ({err}); continuing without it.", file=sys.stderr)
+        # Readers never see a half-written cache: the writer replaces the file only once it is whole.
+        with atomic_file(cache) as out:
+            np.savez(out, key=np.array(key), count=np.array(count), train_images=train.images.numpy(),
+                     train_labels=train.labels.numpy(), test_images=test.images.numpy(),
+                     test_labels=test.labels.numpy())
+    except UserError as err:
+        print(f"Could not write the decoded-image cache: {err}; continuing without it.", file=sys.stderr)
         return
     # The cache can be gigabytes in the user's home: say where it went so it can be found and removed.
     print(f"Cached the decoded images in {cache} ({cache.stat().st_size / 1e6:.1f} MB).")
 
 
 def _read_image(path: str) -> np.ndarray:
-    """One image file as an RGB uint8 ``(H, W, 3)`` array; ``UserError`` naming the file if it cannot be read."""
+    """One image file as an RGB uint8 ``(H, W, 3)`` array; ``UserError`` naming the file if it cannot be read.
+
+    The pixels as stored: an EXIF orientation tag is not applied, as torchvision's ImageFolder does not apply it
+    (docs/METHODS.md, "Your own images")."""
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
