@@ -7,7 +7,6 @@ over interleaved repeats. Where bfloat16 is emulated (no AVX512-BF16 or AMX) flo
     python3 bench/eval_precision.py --arch res110 res8 --images 2000 --repeats 5 --threads 1 --out bench/results/cpu_eval_precision.json
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataload  # noqa: E402
 import final_test  # noqa: E402
 from dih_utils import freeze  # noqa: E402
+from dihkit.files.atomic_files import atomic_write_json  # noqa: E402
 from dihkit.console.devices import resolve_speed  # noqa: E402
 from dihkit.runs.distributed import Dist  # noqa: E402
 from dihkit.runs.evaluation import evaluate_outputs  # noqa: E402
@@ -93,8 +93,7 @@ def main(argv=None) -> int:
         print(f"{arch}: float32 evaluation takes {ratio:.2f}x the bfloat16 one")
     print(f"CPU: {result['cpu']}; load average {result['load_average_1min']}")
     if opts.out:
-        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts.out).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(opts.out, result)
         print(f"wrote {opts.out}")
     return 0
 

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dihkit.files.atomic_files import atomic_file  # noqa: E402
+
 # A photograph's share of fine grain, in grey levels: JPEG sizes of 60-90 KB at 500x375 and quality 88.
 GRAIN = (5.0, 14.0)
 
@@ -54,14 +57,10 @@ def write_tree(root: Path, classes: int = 10, train_per_class: int = 24, val_per
                 image = picture(width, height, tints[label], rng)
                 path = folder / f"{wnid(label)}_{i}.JPEG"
                 kind = i if odd and split == "train" and label == 0 else None
-                if kind == 0:
-                    image.convert("L").save(path, "JPEG", quality=quality)
-                elif kind == 1:
-                    image.convert("CMYK").save(path, "JPEG", quality=quality)
-                elif kind == 2:
-                    image.save(path, "PNG")
-                else:
-                    image.save(path, "JPEG", quality=quality)
+                # The odd ones: a greyscale JPEG, a CMYK JPEG, a PNG under a .JPEG name.
+                mode, form = {0: ("L", "JPEG"), 1: ("CMYK", "JPEG"), 2: ("RGB", "PNG")}.get(kind, ("RGB", "JPEG"))
+                with atomic_file(path) as out:
+                    image.convert(mode).save(out, form, **({"quality": quality} if form == "JPEG" else {}))
     return root
 
 
