@@ -80,41 +80,51 @@ class Case:
 # to 1.0, and that alone brings the student closer to the teacher: the issue measured ratio 0.88 for kd).
 NO_KD = ("--ce_weight", "0.9", "--kd_weight", "0")
 # Each margin is half the smallest gap ``1 - distance(method) / distance(twin)`` on seeds 7, 8 and 9, rounded down
-# (the three ratios beside each case: `python3 tests/measure_distillation.py`, 2-core CPU, one thread).
+# (the three ratios beside each case: `python3 tests/measure_distillation.py`, 2-core CPU, one thread; seed 10,
+# measured too, passes every case).
 CASES = {
-    "kd": Case("kd", 0.13, twin=NO_KD),                                                     # 0.675 0.740 0.686
-    "dih": Case("dih", 0.08, twin=NO_KD),                                                   # 0.740 0.605 0.834
+    "kd": Case("kd", 0.14, twin=NO_KD),                                                     # 0.549 0.536 0.720
+    "dih": Case("dih", 0.09, twin=NO_KD),                                                   # 0.688 0.804 0.794
     # DKD's NCKD weight is 1 here: at mdistiller's CIFAR ResNet 2 the student of seed 8 ends as far from the teacher
     # as its twin (ratios 0.245, 1.004, 0.201 on seeds 7, 8, 9), at the default 8 farther (1.316, 1.464, 2.293).
     # DIH[DKD] also needs lr 0.05, twin included: at 0.1 the ratios are 1.407, 0.745, 0.658.
-    "dih --cohort_loss dkd": Case("dih", 0.24, ("--cohort_loss", "dkd", "--dkd_beta", "1", "--dkd_warmup", "1",
+    "dih --cohort_loss dkd": Case("dih", 0.19, ("--cohort_loss", "dkd", "--dkd_beta", "1", "--dkd_warmup", "1",
                                                 "--kd_temperature", "4", "--lr", "0.05"),
-                                  twin=("--dkd_alpha", "0", "--dkd_beta", "0")),          # 0.236 0.472 0.502
-    "dih --cohort_loss dist": Case("dih", 0.08, ("--cohort_loss", "dist", "--kd_temperature", "1"),
-                                   twin=("--dist_beta", "0", "--dist_gamma", "0")),       # 0.600 0.779 0.828
+                                  twin=("--dkd_alpha", "0", "--dkd_beta", "0")),          # 0.348 0.612 0.405
+    "dih --cohort_loss dist": Case("dih", 0.09, ("--cohort_loss", "dist", "--kd_temperature", "1"),
+                                   twin=("--dist_beta", "0", "--dist_gamma", "0")),       # 0.538 0.806 0.674
     # LS's own runs weigh KD 9 to CE's 0.1: at DIH's alpha 0.1 the standardised logits' KL at T 2 is small beside the
     # summed CE on labels half of which are noise, and the student cannot be told from its twin (ratios 0.943,
     # 0.726, 1.176, 0.616 on seeds 7 to 10); at weights 0.5 and 0.5 it can.
-    "dih --logit_std": Case("dih", 0.29, ("--logit_std", "--ce_weight", "0.5", "--kd_weight", "0.5"),
-                            twin=("--kd_weight", "0")),                                    # 0.277 0.376 0.404
+    "dih --logit_std": Case("dih", 0.22, ("--logit_std", "--ce_weight", "0.5", "--kd_weight", "0.5"),
+                            twin=("--kd_weight", "0")),                                    # 0.265 0.521 0.550
     # The DIH of the heads check (HEADS_CHECKS).
-    "dih --ce_weight 0.5 --kd_weight 0.5": Case("dih", 0.28, ("--ce_weight", "0.5", "--kd_weight", "0.5",
+    "dih --ce_weight 0.5 --kd_weight 0.5": Case("dih", 0.33, ("--ce_weight", "0.5", "--kd_weight", "0.5",
                                                               "--lr", "0.05"),
-                                                twin=("--kd_weight", "0")),                # 0.186 0.428 0.241
-    "dkd": Case("dkd", 0.34, ("--dkd_beta", "1", "--dkd_warmup", "1"),
-                twin=("--dkd_alpha", "0", "--dkd_beta", "0")),                            # 0.134 0.118 0.312
-    "dist": Case("dist", 0.06, twin=("--dist_beta", "0", "--dist_gamma", "0")),             # 0.748 0.864 0.771
+                                                twin=("--kd_weight", "0")),                # 0.162 0.327 0.191
+    "dkd": Case("dkd", 0.22, ("--dkd_beta", "1", "--dkd_warmup", "1"),
+                twin=("--dkd_alpha", "0", "--dkd_beta", "0")),                            # 0.390 0.541 0.272
+    "dist": Case("dist", 0.11, twin=("--dist_beta", "0", "--dist_gamma", "0")),             # 0.736 0.711 0.779
     # Stage 1's hint loss has no weight flag; stage 2 is KD.
-    "fitnets": Case("fitnets", 0.15, ("--epochs_fitnets_1", "1"), twin=NO_KD,
-                    zeroed=((train_fitnets, "hint_loss"),)),                               # 0.539 0.602 0.686
-    # Both hops train here; in the twin both are CE at the method's weight.
-    "takd": Case("takd", 0.05, ("--ta", "res8"), twin=NO_KD),                               # 0.856 0.796 0.882
-    "at": Case("at", 0.25, twin=("--at_beta", "0")),                                        # 0.407 0.271 0.493
+    "fitnets": Case("fitnets", 0.10, ("--epochs_fitnets_1", "1"), twin=NO_KD,
+                    zeroed=((train_fitnets, "hint_loss"),)),                               # 0.531 0.628 0.786
+    # Both hops train here; in the twin both are CE at the method's weight. At alpha 0.1 and lr 0.1 the assistant
+    # passes on too little (ratios 0.890, 0.953, 0.958, 0.881 on seeds 7 to 10); at weights 0.5 and 0.5 and lr 0.05
+    # both hops distil.
+    "takd": Case("takd", 0.24, ("--ta", "res8", "--ce_weight", "0.5", "--kd_weight", "0.5", "--lr", "0.05"),
+                 twin=("--ce_weight", "0.5", "--kd_weight", "0")),                         # 0.284 0.510 0.295
+    "at": Case("at", 0.26, twin=("--at_beta", "0")),                                        # 0.291 0.461 0.233
     # CRD's CE weight is 1 whatever --kd_alpha.
-    "crd": Case("crd", 0.12, twin=("--kd_alpha", "0", "--beta", "0")),                      # 0.517 0.760 0.692
-    # The soft cross-entropy to the teacher's classifiers has no weight flag; --kd_alpha weighs the features.
-    "tofd": Case("tofd", 0.10, twin=("--kd_alpha", "0"), zeroed=((tofd, "soft_cross_entropy"),)),  # 0.735 0.651 0.781
-    "mhkd": Case("mhkd", 0.15, twin=(*NO_KD, "--beta", "0")),                               # 0.651 0.564 0.693
+    "crd": Case("crd", 0.13, twin=("--kd_alpha", "0", "--beta", "0")),                      # 0.566 0.552 0.727
+    # The soft cross-entropy to the teacher's classifiers has no weight flag; --kd_alpha weighs the features. At lr
+    # 0.1 its heads check fails (heads ratios 0.481, 0.914, 0.814, 1.014 on seeds 7 to 10); at lr 0.02 it holds.
+    "tofd": Case("tofd", 0.09, ("--lr", "0.02"), twin=("--kd_alpha", "0"),
+                 zeroed=((tofd, "soft_cross_entropy"),)),                                  # 0.758 0.721 0.810
+    # At its defaults (alpha 0.1, beta 1) MHKD's heads, tuned on the students' noisy labels, teach its student's
+    # heads too little to tell from its twin's (heads ratios 0.955, 0.292, 0.952 on seeds 7 to 9); the heads' KD
+    # weight 4 beside weights 0.5 and 0.5 can.
+    "mhkd": Case("mhkd", 0.41, ("--beta", "4", "--ce_weight", "0.5", "--kd_weight", "0.5"),
+                 twin=("--ce_weight", "0.5", "--kd_weight", "0", "--beta", "0")),          # 0.179 0.110 0.132
 }
 
 
@@ -134,9 +144,9 @@ class HeadsCheck:
 # drowns the heads' signal (ratios 1.411, 0.622, 0.984 on seeds 7, 8, 9; 1.541, 1.039, 1.149 at lr 0.05). At
 # weights 0.5 and 0.5 it can (at lr 0.1 the ratio reaches 0.546 on seed 9). Margins and ratios as CASES'.
 HEADS_CHECKS = {
-    "dih --ce_weight 0.5 --kd_weight 0.5": HeadsCheck(0.31, "kd_at_dih_weights"),         # 0.145 0.368 0.344
-    "tofd": HeadsCheck(0.18, "twin"),                                                       # 0.547 0.592 0.639
-    "mhkd": HeadsCheck(0.07, "twin"),                                                       # 0.845 0.241 0.771
+    "dih --ce_weight 0.5 --kd_weight 0.5": HeadsCheck(0.29, "kd_at_dih_weights"),         # 0.165 0.419 0.184
+    "tofd": HeadsCheck(0.14, "twin"),                                                       # 0.565 0.712 0.624
+    "mhkd": HeadsCheck(0.04, "twin"),                                                       # 0.902 0.289 0.439
 }
 # DIH's loss with every head replaced by the teacher: KD at 4 x DIH's weights (the teacher and 3 heads, each member
 # 0.5 x T^2 KL + 0.5 x CE), the KD student the DIH student is compared with.

@@ -10,6 +10,7 @@ import pytest
 import dataload
 import final_test
 import report
+from dihkit.console.console_flags import resolve_teacher
 from dihkit.foundations.errors import UserError
 from dihkit.foundations.registry import REGISTRY
 from console import ROOT, TINY, data_loaded_once, run_inprocess
@@ -122,7 +123,7 @@ def test_a_distillation_type_reads_the_teachers_architecture_from_its_file(tiny_
     for training_type in ("kd", "dih", "fine_tune", "at", "pipeline"):
         args = final_test.build_parser().parse_args(
             [*untyped, "--training_type", training_type, "--saved_path", str(tiny_teacher / "teacher.pth")])
-        final_test.resolve_teacher(args)
+        resolve_teacher(args)
         assert args.teacher == "res14", training_type  # the file's, not the default res110
     # Without a file to read, the default; a type that trains the teacher keeps it.
     assert final_test.make_settings(final_test.build_parser().parse_args(["--training_type", "kd"])).models.teacher \
@@ -209,8 +210,9 @@ def test_a_mistyped_flag_gets_the_closest_flags(capsys):
 
 
 def test_a_mistyped_choice_gets_the_closest_choices(capsys):
-    assert refused(["--recipe", "dkdd"], capsys).endswith("invalid choice: 'dkdd' (choose from 'dih', 'crd', 'dkd', "
-                                                          "'dist_cifar', 'dist_imagenet', 'ls'); did you mean dkd?")
+    assert refused(["--recipe", "dkdd"], capsys).endswith(
+        "invalid choice: 'dkdd' (choose from 'dih', 'dih_code', 'crd', 'dkd', 'dist_cifar', 'dist_imagenet', 'ls', "
+        "'mdistiller_imagenet', 'torchdistill_imagenet'); did you mean dkd?")
     assert refused(["--student", "res88"], capsys).endswith("; did you mean res8 or res18?")
     assert refused(["--training_type", "pipeline", "--methods", "kd", "dihh"], capsys).endswith("did you mean dih?")
     assert refused(["--dataset", "mnist"], capsys).endswith("'synthetic')"), "nothing close: no guess"

@@ -20,6 +20,7 @@ from CRD.crd import crd_label
 from dihkit.console.recipe_flags import parse_command
 from dihkit.files.checkpoints import atomic_save, model_record
 from dihkit.foundations.errors import UserError
+from dihkit.runs.distributed import Dist
 from dihkit.sources.data_types import DatasetInfo, Split
 from models_repo import build_model
 from train_dkd import dkd_objective
@@ -259,5 +260,5 @@ def test_the_run_normalises_with_its_recipes_constants(monkeypatch):
                                  None, Split(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1)))
     monkeypatch.setattr(dataload, "load_data", lambda *a, **k: loaded)
     for recipe, mean in (("crd", (0.5071, 0.4867, 0.4408)), ("dih", (0.507, 0.487, 0.441))):
-        data = final_test.load_data(settings("--training_type", "kd", "--recipe", recipe), None)
+        data = final_test.load_data(settings("--training_type", "kd", "--recipe", recipe), None, Dist())
         assert data.info.mean == mean and math.isclose(data.info.std[0], {"crd": 0.2675, "dih": 0.267}[recipe])
