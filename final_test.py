@@ -57,11 +57,11 @@ def make_settings(args) -> Settings:
 def load_data(cfg: Settings, data_cache: dict | None) -> dataload.DataBundle:
     """The command's dataset, from ``data_cache`` (the pipeline's steps share one load) when it holds it."""
     d = cfg.data
-    key = (d.dataset, d.data_dir, d.val_size, d.train_subset)
+    key = (d.dataset, d.data_dir, d.val_size, d.train_subset, d.label_noise)
     data = data_cache.get(key) if data_cache is not None else None
     if data is None:
         data = dataload.load_data(d.dataset, d.data_dir, d.val_size, train_subset=d.train_subset,
-                                  cache_dir=d.cache_dir)
+                                  cache_dir=d.cache_dir, label_noise=d.label_noise)
         if data_cache is not None:
             data_cache[key] = data
     return data

@@ -30,6 +30,7 @@ class DataSettings:
     num_workers: int
     data_path: str
     cache_dir: str | None = None
+    label_noise: float = 0.0
 
 
 @dataclass(frozen=True)
