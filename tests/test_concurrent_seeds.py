@@ -72,9 +72,11 @@ def test_a_pipeline_in_two_workers_trains_what_one_process_trains(tmp_path):
                                                                         for s in (3, 4)])
     for name in seq:
         assert all(torch.equal(seq[name][k], par[name][k]) for k in seq[name]), f"{name} differs"
-    # The student trained alone needs no teacher: it starts beside the teacher, before the heads.
-    started = [line.split(":")[0] for line in two.stdout.splitlines() if line.startswith("== [")]
-    assert started.index("== [3/8] ce seed 3") < started.index("== [2/8] heads")
+    # The student trained alone needs no teacher: it starts beside the teacher, before the teacher is done.
+    events = [line.split(" (output in")[0].split(": python3")[0] for line in two.stdout.splitlines()
+              if line.startswith("== [")]
+    assert events.index("== [3/8] ce seed 3") < events.index("== [1/8] teacher res14: done") < events.index(
+        "== [2/8] heads") < events.index("== [2/8] heads: done") < events.index("== [5/8] dih seed 3")
     assert (tmp_path / "two" / "heads.log").is_file() and (tmp_path / "two" / "kd_s4.log").is_file()
     manifest = json.loads((tmp_path / "two" / "pipeline.json").read_text())
     assert [s["status"] for s in manifest["steps"]] == ["complete"] * 8

@@ -209,8 +209,10 @@ def run_pipeline(args, parser, run_step) -> int:
               flush=True)
 
     def ended(s: Step) -> None:
-        entries[s.name][1]["status"] = "complete"
+        i, entry = entries[s.name]
+        entry["status"] = "complete"
         write_json(root / MANIFEST, manifest)
+        print(f"== [{i}/{len(steps)}] {s.name}: done", flush=True)
 
     if args.concurrent_seeds > 1:
         run_steps(jobs, run_step, args.concurrent_seeds, started, ended)
