@@ -16,6 +16,7 @@ Every name callers use is importable from here (``dataload.train_batches``, ``da
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 
@@ -157,7 +158,7 @@ def noisy_labels(train: Split, num_classes: int, fraction: float) -> Split:
     labels = train.labels.clone()
     shift = torch.randint(1, num_classes, (wrong,), generator=generator).to(labels.dtype)
     labels[picked] = (labels[picked] + shift) % num_classes
-    return Split(images=train.images, labels=labels)
+    return dataclasses.replace(train, labels=labels)   # the same images (in memory or files), new labels
 
 
 def _split_per_class(train: Split, num_classes: int, size: int, flag: str, seed: int):
