@@ -4,7 +4,8 @@ Every source (CIFAR, Tiny-ImageNet, a folder of images, a generated toy set) end
 ``DataBundle`` of uint8 ``(N, 3, H, W)`` tensors, so the rest of the toolkit never sees file formats;
 ImageNet, and an image folder too large for memory, stay files (``FileSplit``) decoded per batch, behind
 the same batch iterators. This module chooses the source, holds out the validation split and the training
-subset, and identifies the data a run used; the work itself lives in modules named after what they hold:
+subset, makes labels noisy on request, and identifies the data a run used; the work itself lives in
+modules named after what they hold:
 
 - ``data_types``: ``DatasetInfo``, ``Split``, ``FileSplit``, ``DataBundle``;
 - ``data_sources``: CIFAR-10/100, Tiny-ImageNet (with its download) and image-folder trees;
@@ -20,6 +21,7 @@ Every name callers use is importable from here (``dataload.train_batches``, ``da
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from contextlib import nullcontext
@@ -47,19 +49,22 @@ DATASET_NAMES = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder", "imagene
 
 _VAL_SEED = 0
 _SUBSET_SEED = 1
+_NOISE_SEED = 2
 # Pixels sampled by data_fingerprint: enough to tell datasets apart, few enough to hash in milliseconds.
 _FINGERPRINT_SAMPLES = 1 << 22
 
 
 def load_data(name: str, data_dir: str, val_size: int = 0, download: bool = True, train_subset: int = 0,
               *, cache_dir: str | os.PathLike | None = None, stream: str = "auto", crop_size: int | None = None,
-              budget: MemoryBudget | None = None, cache_read_only: bool = False) -> DataBundle:
+              budget: MemoryBudget | None = None, cache_read_only: bool = False,
+              label_noise: float = 0.0) -> DataBundle:
     """Load dataset ``name`` from ``data_dir``, optionally holding out ``val_size`` training samples.
 
     ``download`` allows fetching CIFAR or Tiny-ImageNet when they are missing. The validation split is
     class-balanced and drawn with a fixed seed, so it is the same for every run seed and every method.
     ``train_subset`` > 0 then keeps a class-balanced subset of that many training samples (smoke tests,
-    budgets), also by a fixed seed. ``cache_dir`` keeps the decoded images of Tiny-ImageNet and image
+    budgets), also by a fixed seed. ``label_noise`` then gives that fraction of the training images a wrong
+    label (``noisy_labels``). ``cache_dir`` keeps the decoded images of Tiny-ImageNet and image
     folders there (see ``default_cache_dir``) so the next load skips decoding; ``None`` writes no cache.
     ImageNet and image folders are streamed (``image_trees``): always for ImageNet, for an image folder when
     ``stream`` is ``"yes"``, or ``"auto"`` and its decoded images exceed ``budget``; ``crop_size`` is then
@@ -87,7 +92,7 @@ def load_data(name: str, data_dir: str, val_size: int = 0, download: bool = True
         else:
             info, train, test = load_synthetic()
     train, val = _hold_out(train, info.num_classes, val_size)
-    train = _train_subset(train, info.num_classes, train_subset)
+    train = noisy_labels(_train_subset(train, info.num_classes, train_subset), info.num_classes, label_noise)
     return DataBundle(info=info, train=train, val=val, test=test, held=held or _in_memory(train, test),
                       held_writes=writes)
 
@@ -173,6 +178,21 @@ def _train_subset(train: Split, num_classes: int, size: int) -> Split:
         return train
     _, chosen = _split_per_class(train, num_classes, size, "--train_subset", _SUBSET_SEED)
     return train.subset(chosen.sort().values)
+
+
+def noisy_labels(train: Split, num_classes: int, fraction: float) -> Split:
+    """``train`` with ``round(fraction * N)`` of its samples relabelled, each to one of the other classes drawn
+    uniformly: exactly that fraction of the labels is wrong. A private fixed-seed generator picks the samples
+    and their labels, so they are the same for every run seed and every method."""
+    wrong = round(fraction * len(train))
+    if wrong == 0:
+        return train
+    generator = torch.Generator().manual_seed(_NOISE_SEED)
+    picked = torch.randperm(len(train), generator=generator)[:wrong]
+    labels = train.labels.clone()
+    shift = torch.randint(1, num_classes, (wrong,), generator=generator).to(labels.dtype)
+    labels[picked] = (labels[picked] + shift) % num_classes
+    return dataclasses.replace(train, labels=labels)   # the same images (in memory or files), new labels
 
 
 def _split_per_class(train: Split, num_classes: int, size: int, flag: str, seed: int):

@@ -89,13 +89,14 @@ def load_data(cfg: Settings, data_cache: dict | None, dist) -> dataload.DataBund
     """
     d = cfg.data
     stream = {"auto": "auto", "stream": "yes"}.get(d.data_path, "no")
-    key = (d.dataset, d.data_dir, d.val_size, d.train_subset, stream, d.crop_size)
+    key = (d.dataset, d.data_dir, d.val_size, d.train_subset, d.label_noise, stream, d.crop_size)
     data = data_cache.get(key) if data_cache is not None else None
     if data is None:
         # A resume may be on other data: their decode cache is written once its checks pass (train_funcs).
         data = dataload.load_data(d.dataset, d.data_dir, d.val_size, train_subset=d.train_subset,
                                   cache_dir=d.cache_dir, cache_read_only=cfg.run.resume, stream=stream,
-                                  crop_size=d.crop_size, budget=dataload.memory_budget(dist.local_world_size))
+                                  crop_size=d.crop_size, budget=dataload.memory_budget(dist.local_world_size),
+                                  label_noise=d.label_noise)
         if data_cache is not None:
             data_cache[key] = data
     return replace(data, info=dataload.normalized(data.info, d.normalization))

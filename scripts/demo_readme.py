@@ -1,8 +1,10 @@
-"""The README's demo section, written from the figures of one demo run (``docs/demo.json``).
+"""The demo's sections of README.md and docs/DEMO.md, written from the figures of one demo run
+(``docs/demo/<variant>.json``, which ``scripts/demo.py`` computes from the result files beside it).
 
-``render`` turns the figures into Markdown: the command, the thread count, the machine, the wall time, the
-table as the report prints it, and a reading whose every sentence is computed from those numbers, so it
-stays true when they change. ``write_section`` replaces the text between the README's two markers.
+``render_summary`` gives README's part: the time, the table and the comparisons (for the real-data demo, one
+line); ``render_detail`` gives docs/DEMO.md's: the equivalent console command, the machine, the table and every
+sentence of the reading. Each sentence is computed from the numbers, so it stays true when they change.
+``write_sections`` replaces the text between a section's two markers.
 """
 import itertools
 import math
@@ -15,13 +17,18 @@ from dihkit.results.report_compare import beyond_spread
 from dihkit.results.report_model import format_cell, summary
 
 ROOT = Path(__file__).resolve().parents[1]
-README, FIGURES = ROOT / "README.md", ROOT / "docs" / "demo.json"
-BEGIN = "<!-- demo section: written by `python3 scripts/demo.py --readme` from docs/demo.json; edit the script -->"
-END = "<!-- end of the demo section -->"
+DOCS = ROOT / "docs"
+README, PAGE = ROOT / "README.md", DOCS / "DEMO.md"
+DEMO_FLAGS = {"synthetic": "", "cifar10": " --data_dir DIR"}   # how each variant is run
 ALONE = "ce"   # the student trained alone, the reference of every method row
-SPREAD = {True: "beyond the seed spread (the intervals mean ± std do not overlap)", False: "within the seed spread",
-          None: "a single run: no spread to judge"}
-WIDTH = 110   # the README's line length
+SPREAD = {True: "beyond the seed spread", False: "within the seed spread", None: "a single run: no spread to judge"}
+WIDTH = 110   # the pages' line length
+
+
+def markers(variant: str) -> tuple:
+    """The lines that open and close a variant's demo section (the same on both pages)."""
+    return (f"<!-- demo {variant}: written by `python3 scripts/demo.py{DEMO_FLAGS[variant]} --readme` from "
+            f"docs/demo/{variant}.json; edit the script -->", f"<!-- end of the demo {variant} -->")
 
 
 def mean(row: dict) -> float:
@@ -30,7 +37,7 @@ def mean(row: dict) -> float:
 
 
 def versus(a: dict, b: dict) -> str:
-    """``kd ends 2.55 points below ce (student alone), within the spread across seeds``."""
+    """``kd ends 2.55 points below ce (student alone), within the seed spread``."""
     diff = mean(a) - mean(b)
     side = "above" if diff > 0 else "below" if diff < 0 else "level with"
     return (f"{a['label']} ends {abs(diff):.2f} points {side} {b['label']}, "
@@ -64,52 +71,89 @@ def loss_sentences(figures: dict, heads: int) -> list:
     return out
 
 
-def reading(figures: dict) -> list:
-    """Sentences about the table, each computed from its numbers."""
-    rows = figures["rows"]
+def comparisons(rows: list) -> list:
+    """The teacher against the student alone, every method against it, and the methods against each other."""
     by_kind = {r["kind"]: r for r in rows}
-    heads = [r for r in rows if r["kind"] == "head"]
     alone = by_kind.get(ALONE)
     methods = [r for r in rows if r["kind"] not in ("teacher", "head", ALONE)]
-    out = []
-    if "teacher" in by_kind and alone:
-        out.append(f"The {versus(by_kind['teacher'], alone)}.")
-    if heads:
-        out.append(heads_sentence(heads, by_kind.get("teacher")))
+    out = [f"The {versus(by_kind['teacher'], alone)}."] if "teacher" in by_kind and alone else []
     out += [f"{versus(m, alone)}." for m in methods if alone]
-    out += [f"{versus(b, a)}." for a, b in itertools.combinations(methods, 2)]
-    return out + loss_sentences(figures, len(heads))
+    return out + [f"{versus(b, a)}." for a, b in itertools.combinations(methods, 2)]
 
 
-def render(figures: dict) -> str:
-    """The demo section's Markdown, markers included."""
+def reading(figures: dict) -> list:
+    """Every sentence about the table, each computed from its numbers."""
+    rows = figures["rows"]
+    heads = [r for r in rows if r["kind"] == "head"]
+    teacher = next((r for r in rows if r["kind"] == "teacher"), None)
+    return (comparisons(rows) + ([heads_sentence(heads, teacher)] if heads else [])
+            + loss_sentences(figures, len(heads)))
+
+
+def timing_words(figures: dict) -> str:
+    """``186 s (341 s of CPU) on 2 cores of AMD EPYC (cpu, fp32), load average 0.1 at the start, 2.1 at most, 2.0
+    at the end``: the demo's wall time and the CPU time of all its processes, where, and the machine's load."""
     load = figures["load"]
-    table = [f"| | {figures['column']} |", "|---|---|"]
-    table += [f"| {r['label']} | {format_cell(r['values'])} |" for r in figures["rows"]]
-    threads = f"{figures['threads']} thread" + ("s" if figures["threads"] > 1 else "")
-    intro = (f"It sets PyTorch to {threads}, whatever `OMP_NUM_THREADS` says: the numbers change with the thread "
-             f"count. On a {figures['cores']}-core CPU (load average {load[0]} to {load[-1]}) it took "
-             f"{figures['seconds']} s and printed (test top-1 %, last epoch, mean ± std over the seeds):")
-    return "\n".join([BEGIN, "", f"    {figures['command']}", "", fill(intro), "", *table, "",
-                      fill(" ".join(reading(figures))), "", END])
+    where = f"{figures['cores']} cores of {figures['cpu']}"
+    where += f" and the GPU {figures['gpu']}" if figures.get("gpu") else ""
+    run = f" ({figures['device']}, {figures['precision']})" if "device" in figures else ""
+    return (f"{figures['seconds']} s ({figures['cpu_seconds']} s of CPU) on {where}{run}, load average {load[0]} at "
+            f"the start, {load[1]} at most, {load[2]} at the end")
+
+
+def markdown_table(figures: dict) -> list:
+    """The table as the report prints it: one row per teacher, head and method."""
+    rows = [f"| | {figures['column']} |", "|---|---|"]
+    return rows + [f"| {r['label']} | {format_cell(r['values'])} |" for r in figures["rows"]]
+
+
+def render_summary(figures: dict) -> str:
+    """README's section of the variant: the time, table and comparisons; for the real-data demo one line."""
+    begin, end = markers(figures["variant"])
+    if figures["variant"] != "synthetic":
+        alone, kd = (next(r for r in figures["rows"] if r["kind"] == k) for k in (ALONE, "kd"))
+        line = (f"Measured: {timing_words(figures)}; {versus(kd, alone)} ([the table](docs/DEMO.md#on-real-cifar-10)).")
+        return "\n".join([begin, fill(line), end])
+    intro = f"It took {timing_words(figures)}, and printed (test top-1 %, last epoch, mean ± std over the seeds):"
+    methods = [r for r in figures["rows"] if r["kind"] not in ("teacher", "head")]
+    return "\n".join([begin, "", fill(intro), "", *markdown_table(figures), "", fill(" ".join(comparisons(methods))),
+                      "", end])
+
+
+def render_detail(figures: dict) -> str:
+    """docs/DEMO.md's section of the variant: the command, the machine, the table and the whole reading."""
+    begin, end = markers(figures["variant"])
+    intro = (f"The demo ran this command in {timing_words(figures)}, and printed (test top-1 %, last epoch, "
+             f"mean ± std over the seeds):")
+    return "\n".join([begin, "", f"    {figures['command']}", "", fill(intro), "", *markdown_table(figures), "",
+                      fill(" ".join(reading(figures))), "", end])
 
 
 def fill(text: str) -> str:
-    """``text`` wrapped to the README's width, never inside a word."""
+    """``text`` wrapped to the pages' width, never inside a word."""
     return textwrap.fill(text, WIDTH, break_on_hyphens=False)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the README's demo section (from ``BEGIN`` to ``END``) with ``section``."""
+def write_section(path: Path, variant: str, section: str) -> None:
+    """Replace the variant's demo section of ``path`` (from its first marker to its last) with ``section``."""
+    begin, end = markers(variant)
     text = path.read_text(encoding="utf-8")
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        raise UserError(f"{path} has no demo section: put the two marker lines of scripts/demo_readme.py there")
-    atomic_write_text(path, text[:start] + section + text[end + len(END):])
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise UserError(f"{path} has no demo section for {variant}: put the two marker lines of "
+                        f"scripts/demo_readme.py there")
+    atomic_write_text(path, text[:start] + section + text[stop + len(end):])
 
 
-def section_of(path: Path) -> str:
-    """The README's current demo section, markers included (empty when it has none)."""
+def write_sections(figures: dict) -> None:
+    """Rewrite the variant's sections of README.md and docs/DEMO.md from ``figures``."""
+    write_section(README, figures["variant"], render_summary(figures))
+    write_section(PAGE, figures["variant"], render_detail(figures))
+
+
+def section_of(path: Path, variant: str) -> str:
+    """The variant's current demo section of ``path``, markers included (empty when it has none)."""
+    begin, end = markers(variant)
     text = path.read_text(encoding="utf-8")
-    start, end = text.find(BEGIN), text.find(END)
-    return text[start:end + len(END)] if 0 <= start < end else ""
+    start, stop = text.find(begin), text.find(end)
+    return text[start:stop + len(end)] if 0 <= start < stop else ""

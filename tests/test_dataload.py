@@ -465,6 +465,24 @@ def test_train_subset_is_balanced_and_after_validation(tmp_path):
     assert len(bundle.val) == 3 and torch.bincount(bundle.train.labels).tolist() == [2, 2, 2]
 
 
+def test_label_noise_makes_exactly_that_fraction_of_the_training_labels_wrong(tmp_path):
+    split = make_split(1000, size=2, num_classes=10)
+    noisy = dataload.noisy_labels(split, 10, 0.4)
+    wrong = noisy.labels != split.labels
+    assert int(wrong.sum()) == 400 and noisy.images is split.images
+    # Each wrong label is another class, drawn among all nine others; the same call draws the same labels.
+    assert set(((noisy.labels - split.labels) % 10)[wrong].tolist()) == set(range(1, 10))
+    assert torch.equal(dataload.noisy_labels(split, 10, 0.4).labels, noisy.labels)
+    assert dataload.noisy_labels(split, 10, 0.0) is split
+    # Through load_data: after the subset, on the training split only, and the data's fingerprint tells it.
+    build_folder(tmp_path)
+    clean = load_data("imagefolder", str(tmp_path), train_subset=6)
+    bundle = load_data("imagefolder", str(tmp_path), train_subset=6, label_noise=0.5)
+    assert int((bundle.train.labels != clean.train.labels).sum()) == 3
+    assert torch.equal(bundle.test.labels, clean.test.labels)
+    assert dataload.data_fingerprint(bundle) != dataload.data_fingerprint(clean)
+
+
 @pytest.mark.parametrize("val_size", [4, 12, -3])
 def test_bad_val_size(tmp_path, val_size):
     # Three classes of four training images: 4 is not a multiple of 3, 12 would leave classes empty.

@@ -1,9 +1,16 @@
-"""A newcomer's first hour, round 2: the README's demo section is what the demo writes, its four commands run
-short, a small image folder trains by the documented recipe, and the console forgives and explains."""
+"""A newcomer's first hour, round 2: the demo's figures trace to their result files and its sections are what it
+writes, the README's four commands run short, a small image folder trains by the documented recipe, and the console
+forgives and explains."""
+import hashlib
 import importlib.util
 import json
+import os
 import re
 import shlex
+import shutil
+import statistics
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +20,7 @@ import report
 from dihkit.console.console_flags import resolve_teacher
 from dihkit.foundations.errors import UserError
 from dihkit.foundations.registry import REGISTRY
+from dihkit.results.report_compare import beyond_spread
 from console import ROOT, TINY, data_loaded_once, run_inprocess
 from test_dataload import write_image
 from test_results import fake, write
@@ -26,6 +34,9 @@ def script(name: str):
     return module
 
 
+DEMO = ROOT / "docs" / "demo"
+
+
 def refused(argv, capsys) -> str:
     """The one line a refused command prints (exit code 2)."""
     assert run_inprocess(argv) == 2
@@ -34,16 +45,93 @@ def refused(argv, capsys) -> str:
     return err.strip()
 
 
-# ----------------------------------------------------------------------------- the README's demo section
+# ----------------------------------------------------------------------------- the demo's figures and sections
 
-def test_the_readmes_demo_section_is_what_the_current_demo_writes():
+VARIANTS = ("synthetic", "cifar10")
+
+
+def published(variant: str) -> tuple:
+    """The demo's published figures of ``variant`` and the folder of result files they come from."""
+    return json.loads((DEMO / f"{variant}.json").read_text(encoding="utf-8")), DEMO / variant
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_demos_figures_recompute_from_the_result_files_whose_digests_they_hold(variant):
     demo = script("demo")
-    figures = json.loads(demo.FIGURES.read_text(encoding="utf-8"))
-    # The figures are of the demo's current command, and the section is their rendering by the current code.
-    assert figures["command"] == "python3 final_test.py " + " ".join(demo.COMMAND)
-    assert figures["threads"] == demo.THREADS
-    assert script("demo_readme").section_of(ROOT / "README.md") == demo.render(figures), \
-        "README.md's demo section is stale: run python3 scripts/demo.py --readme"
+    figures, folder = published(variant)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.json"))
+    assert sorted(figures["digests"]) == files and {"pipeline.json", demo.TIMING, "teacher.json"} <= set(files)
+    assert all(hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+               for name, digest in figures["digests"].items()), "a result file differs from its recorded digest"
+    # Every figure is what the files give: a figure edited by hand differs from the recomputed one.
+    assert demo.figures(folder) == figures, f"docs/demo/{variant}.json is not what its files give: run the demo"
+    # The figures are of the demo's current command (the data flags aside) and setting.
+    spec = {"synthetic": demo.SYNTHETIC, "cifar10": demo.CIFAR10}[variant]
+    assert shlex.join(demo.SETTING) in figures["command"] and shlex.join(spec.flags) in figures["command"]
+    assert all(f"{k}={v}" in figures["command"] for k, v in spec.pinned.items())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_demo_sections_of_the_readme_and_docs_are_what_the_demo_writes(variant):
+    readme = script("demo_readme")
+    figures, _ = published(variant)
+    assert readme.section_of(readme.README, variant) == readme.render_summary(figures), \
+        f"README.md's demo section for {variant} is stale: run the demo with --readme"
+    assert readme.section_of(readme.PAGE, variant) == readme.render_detail(figures), \
+        f"docs/DEMO.md's demo section for {variant} is stale: run the demo with --readme"
+
+
+def test_the_demos_distillation_separates_from_the_student_alone():
+    """The point of the generated demo's setting: KD above the student alone beyond the seed spread (3 seeds)."""
+    rows = {r["kind"]: r["values"] for r in published("synthetic")[0]["rows"]}
+    assert len(rows["ce"]) == len(rows["kd"]) == 3
+    assert beyond_spread(rows["kd"], rows["ce"]) and statistics.fmean(rows["kd"]) > statistics.fmean(rows["ce"])
+
+
+@pytest.mark.slow
+def test_the_demo_runs_and_publishes_figures_that_recompute_from_its_files(tmp_path, monkeypatch, capsys):
+    demo = script("demo")
+    readme = sys.modules["demo_readme"]   # the module demo.py writes the sections with
+    tiny = ("--train_subset", "100", "--teacher_train_subset", "200", "--epochs", "1", "--schedule", "1",
+            "--teacher_epochs", "1", "--teacher_schedule", "1", "--gpu_id", "cpu", "--precision", "fp32",
+            "--memory_format", "contiguous")
+    monkeypatch.setattr(demo, "SYNTHETIC", demo.Variant("synthetic", tiny, demo.PINNED))
+    for page in ("README.md", "DEMO.md"):
+        shutil.copyfile(readme.README if page == "README.md" else readme.PAGE, tmp_path / page)
+    monkeypatch.setattr(readme, "README", tmp_path / "README.md")
+    monkeypatch.setattr(readme, "PAGE", tmp_path / "DEMO.md")
+    monkeypatch.setattr(demo, "DOCS", tmp_path / "docs")
+    monkeypatch.setattr(demo, "ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = dict(os.environ)
+    assert demo.main(["--readme"]) == 0, capsys.readouterr().err
+    assert dict(os.environ) == before   # the pins reached the workers only
+    figures = json.loads((tmp_path / "docs" / "demo" / "synthetic.json").read_text())
+    assert demo.figures(tmp_path / "docs" / "demo" / "synthetic") == figures
+    assert figures["command"].startswith("OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ONEDNN_MAX_CPU_ISA=AVX2 ")
+    assert figures["seconds"] > 0 and figures["cpu_seconds"] > 0 and len(figures["load"]) == 3
+    assert [r["kind"] for r in figures["rows"]] == ["teacher", "head", "head", "head", "ce", "kd", "dih"]
+    assert all(len(r["values"]) == 3 for r in figures["rows"][4:])
+    assert readme.section_of(tmp_path / "README.md", "synthetic") == readme.render_summary(figures)
+    assert readme.section_of(tmp_path / "DEMO.md", "synthetic") == readme.render_detail(figures)
+    assert "demo: " in capsys.readouterr().out
+
+
+def test_an_edited_figure_or_result_file_is_caught(tmp_path):
+    demo = script("demo")
+    figures, folder = published("synthetic")
+    copy = tmp_path / "synthetic"
+    shutil.copytree(folder, copy)
+    edited = json.loads(json.dumps(figures))
+    edited["rows"][-1]["values"][0] += 0.1
+    assert demo.figures(copy) == figures and demo.figures(copy) != edited
+    result = copy / "kd_s30.json"
+    record = json.loads(result.read_text())
+    record["test_top1"] += 1   # the figure the report reads
+    record["final_test"] = {k: {**m, "top1": m["top1"] + 1} for k, m in record["final_test"].items()}
+    result.write_text(json.dumps(record, indent=2))
+    again = demo.figures(copy)
+    assert again["digests"]["kd_s30.json"] != figures["digests"]["kd_s30.json"] and again["rows"] != figures["rows"]
 
 
 def figures(kd, dih, heads=(50.0, 60.0, 70.0)):
@@ -52,8 +140,9 @@ def figures(kd, dih, heads=(50.0, 60.0, 70.0)):
     rows += [{"label": f"head {i}", "kind": "head", "values": [v]} for i, v in enumerate(heads, start=1)]
     rows += [{"label": "ce (student alone)", "kind": "ce", "values": [59.0, 61.0]},
              {"label": "kd", "kind": "kd", "values": list(kd)}, {"label": "dih", "kind": "dih", "values": list(dih)}]
-    return {"command": "python3 final_test.py", "threads": 1, "cores": 2, "load": [1.0, 2.0], "seconds": 100,
-            "column": "synthetic: res20 → res8", "classes": 10, "rows": rows,
+    return {"variant": "synthetic", "command": "python3 final_test.py", "cores": 2, "cpu": "a CPU",
+            "load": [1.0, 2.5, 2.0], "seconds": 100, "cpu_seconds": 190, "device": "cpu", "precision": "fp32",
+            "column": "synthetic: res14 → res8", "classes": 10, "rows": rows,
             "losses": {"heads/result.json": [200.0, 150.0, 100.0], "kd_s30.json": [1.0, 0.9, 0.99]}}
 
 
@@ -71,17 +160,43 @@ def test_the_demos_reading_is_computed_from_its_numbers():
     assert "kd ends 2.00 points above ce (student alone), within" in text
     assert "dih ends 10.00 points below ce (student alone), a single run: no spread to judge" in text
     assert "accuracy does not grow with every deeper head" in text
+    summary = script("demo_readme").render_summary(figures(kd=[55.0, 55.2], dih=[60.5, 61.5]))
+    assert "It took 100 s (190 s of CPU) on 2 cores of a CPU (cpu, fp32), load average 1.0 at the " \
+           "start, 2.5 at most, 2.0 at the end" in " ".join(summary.split())
+    assert "| kd | 55.10 ± 0.14 (n=2) |" in summary
 
 
 def test_the_demo_section_is_replaced_between_its_markers_only(tmp_path):
     readme = script("demo_readme")
+    begin, end = readme.markers("synthetic")
     page = tmp_path / "README.md"
-    page.write_text(f"before\n{readme.BEGIN}\nold\n{readme.END}\nafter\n", encoding="utf-8")
-    readme.write_section(page, f"{readme.BEGIN}\nnew\n{readme.END}")
-    assert page.read_text(encoding="utf-8") == f"before\n{readme.BEGIN}\nnew\n{readme.END}\nafter\n"
-    page.write_text("no markers\n", encoding="utf-8")
-    with pytest.raises(UserError, match="has no demo section"):
-        readme.write_section(page, "x")
+    page.write_text(f"before\n{begin}\nold\n{end}\nafter\n", encoding="utf-8")
+    readme.write_section(page, "synthetic", f"{begin}\nnew\n{end}")
+    assert page.read_text(encoding="utf-8") == f"before\n{begin}\nnew\n{end}\nafter\n"
+    with pytest.raises(UserError, match="has no demo section for cifar10"):
+        readme.write_section(page, "cifar10", "x")
+
+
+def test_the_real_data_demo_holds_out_a_test_split_of_a_train_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for c, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        for i in range(10):
+            write_image(tmp_path / "jpeg" / "train" / f"class_{c}" / f"{i}.png", colour)
+    demo = script("demo")
+    flags = demo.real_data(str(tmp_path / "jpeg"))
+    assert flags == ("--dataset", "imagefolder", "--data_dir", str(Path("demo_runs") / "cifar10_split"))
+    split = tmp_path / flags[-1]
+    assert [len(list((split / part / f"class_{c}").iterdir())) for part in ("train", "test") for c in range(3)] \
+        == [8, 8, 8, 2, 2, 2]   # a fifth of the smallest class held out, as scripts/split_imagefolder.py does
+    made = (split / "source.txt").stat().st_mtime_ns
+    assert demo.real_data(str(tmp_path / "jpeg")) == flags and (split / "source.txt").stat().st_mtime_ns == made
+    # A folder with train/ and test/ is read as it is; the project's tarball must be extracted first.
+    assert demo.real_data(str(split)) == ("--dataset", "imagefolder", "--data_dir", str(split))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cifar10-train-jpeg.tar.gz").write_bytes(b"")
+    with pytest.raises(UserError, match="holds cifar10-train-jpeg.tar.gz: extract it first"):
+        demo.real_data(str(tmp_path / "data"))
+    assert demo.real_data(None) == ("--dataset", "cifar10")
 
 
 # ----------------------------------------------------------------------------- the four commands, short

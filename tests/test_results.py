@@ -173,7 +173,8 @@ def test_plan_sets_each_steps_flags_and_passes_the_rest_through(tmp_path):
     args = parser.parse_args(["--training_type", "pipeline", "--methods", "ce", "fitnets", "dih", "--seed", "7", "8",
                               "--epochs", "10", "--schedule", "5", "--teacher_epochs", "20", "--teacher_schedule",
                               "8", "16", "--temperature", "4", "--nesterov", "no", "--precision", "bf16",
-                              "--epochs_fitnets_1", "3",
+                              "--epochs_fitnets_1", "3", "--train_subset", "100", "--label_noise", "0.2",
+                              "--teacher_train_subset", "0", "--teacher_label_noise", "0",
                               "--path_to_save", str(tmp_path)])
     steps = pipeline.plan(args, parser, tmp_path)
     assert [s.name for s in steps] == ["teacher res110", "heads", "ce seed 7", "fitnets seed 7", "dih seed 7",
@@ -182,6 +183,14 @@ def test_plan_sets_each_steps_flags_and_passes_the_rest_through(tmp_path):
     teacher, heads, ce, fitnets, dih = (parsed[n] for n in ("teacher res110", "heads", "ce seed 8", "fitnets seed 8",
                                                             "dih seed 8"))
     assert (teacher.training_type, teacher.epochs, teacher.schedule, teacher.seed) == ("ce", 20, [8, 16], [7])
+    # The teacher's own data; the heads and the students train on --train_subset and --label_noise.
+    assert (teacher.train_subset, teacher.label_noise) == (0, 0.0)
+    assert all((parsed[n].train_subset, parsed[n].label_noise) == (100, 0.2) for n in parsed if n != "teacher res110")
+    # What each step waits for under --concurrent_seeds: the teacher and heads it reads.
+    assert {s.name: s.after for s in steps} == {
+        "teacher res110": (), "heads": ("teacher res110",), "ce seed 7": (), "ce seed 8": (),
+        "fitnets seed 7": ("teacher res110",), "fitnets seed 8": ("teacher res110",),
+        "dih seed 7": ("heads", "teacher res110"), "dih seed 8": ("heads", "teacher res110")}
     assert (heads.training_type, heads.epochs, heads.saved_path) == ("fine_tune", 10, str(tmp_path / "teacher.pth"))
     assert heads.path_to_save == str(tmp_path / "heads") and heads.seed == [7]
     assert (ce.teacher, ce.saved_path, ce.path_to_save) == ("res8", None, str(tmp_path / "ce_s8.pth"))
@@ -189,6 +198,7 @@ def test_plan_sets_each_steps_flags_and_passes_the_rest_through(tmp_path):
     for step in parsed.values():  # the pipeline's own flags never reach a step; the others always do
         assert (step.kd_temperature, step.nesterov, step.precision, step.epochs_fitnets_1) == (4.0, False, "bf16", 3)
         assert step.methods == list(DEFAULT_METHODS) and step.teacher_epochs is None and not step.resume
+        assert step.teacher_train_subset is None and step.teacher_label_noise is None and step.concurrent_seeds == 1
     # FitNets' final student is stage 2's file: that result decides whether the step is finished.
     assert steps[3].final.result == tmp_path / "fitnets_s7_final.json"
 

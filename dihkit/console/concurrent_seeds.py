@@ -25,10 +25,17 @@ def child_command(argv: list, seed: int, out: Path) -> list:
             "--concurrent_seeds", "1"]
 
 
+def threads_per_process(workers: int) -> int:
+    """The intra-op threads of each of ``workers`` processes: ``OMP_NUM_THREADS`` when the user set it (its first
+    level), else the CPU's cores shared out."""
+    given = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(given) if given.isdigit() and int(given) > 0 else max(1, (os.cpu_count() or 1) // workers)
+
+
 def child_env(workers: int) -> dict:
     """The environment of a seed's process: the CPU threads shared out unless the user set them."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_process(workers)))
     return env
 
 

@@ -31,7 +31,8 @@ RUN_FLAGS = (
          help="one run per seed (0..2^32-1); several seeds get _s<seed> output suffixes and a mean/std summary"),
     flag("--concurrent_seeds", type=int, default=1, range=Range(1),
          help="train this many of the --seed runs at once, each its own process on the same device (output in "
-              "<output>.log); 1: one after the other in this process"),
+              "<output>.log); 1: one after the other in this process; in a pipeline, this many of its steps at "
+              "once, each once the teacher or heads it needs exist (docs/PIPELINES.md)"),
     flag("--gpu_id", default=None,
          help="cuda:N or cpu (default: cuda:0 if available, else cpu; cuda:<LOCAL_RANK> under torchrun)"),
     flag("--resume", action="store_true", help="continue an interrupted run from its checkpoint"),
@@ -49,6 +50,10 @@ DATA_FLAGS = (
          help="class-balanced validation images held out of the training set (0: none)"),
     flag("--train_subset", type=int, default=0, range=Range(0),
          help="train on a class-balanced subset of this many training images (0: all)"),
+    flag("--label_noise", type=float, default=0.0, range=Range(0, 1, hi_open=True),
+         help="give this fraction of the training images a wrong label, another class drawn at random (the same "
+              "images and labels for every seed and method; the test split keeps its labels): learning from "
+              "noisy labels"),
     flag("--batch_size", type=int, default=64, range=Range(1), help="batch size (per process under torchrun)"),
     flag("--num_workers", type=int, default=None, range=Range(0),
          help="DataLoader worker processes per training process on the loader and stream paths (default: 2 on "
@@ -208,6 +213,12 @@ def pipeline_flags(methods: list) -> tuple:
         flag("--teacher_schedule", type=int, nargs="+", default=None, range=Range(1, increasing=True),
              help="the teacher's MultiStepLR milestones (default: --schedule, else the recipe's fractions of "
                   "the teacher's epochs)"),
+        flag("--teacher_train_subset", type=int, default=None, range=Range(0),
+             help="the teacher's class-balanced training subset, 0: every training image (default: "
+                  "--train_subset); the heads and the students train on --train_subset"),
+        flag("--teacher_label_noise", type=float, default=None, range=Range(0, 1, hi_open=True),
+             help="the fraction of the teacher's training labels made wrong (default: --label_noise); the heads "
+                  "and the students train with --label_noise"),
     )
 
 

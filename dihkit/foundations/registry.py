@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 # Flags every training type's result depends on (the data, the recipe, the global batch).
-RECIPE_KEYS = ("training_type", "dataset", "val_size", "train_subset", "lr", "wd", "momentum", "nesterov",
-               "schedule", "schedule_gamma", "epochs", "batch_size", "scale_lr", "sync_bn", "normalization",
-               "crop_padding", "crop_size")
+RECIPE_KEYS = ("training_type", "dataset", "val_size", "train_subset", "label_noise", "lr", "wd", "momentum",
+               "nesterov", "schedule", "schedule_gamma", "epochs", "batch_size", "scale_lr", "sync_bn",
+               "normalization", "crop_padding", "crop_size")
 # What a distilled student's result depends on beyond the recipe.
 STUDENT_KEYS = ("teacher", "student", "kd_alpha", "kd_temperature")
 # The KD term's separate weights (--ce_weight/--kd_weight), for the types whose KD term takes them.

@@ -38,6 +38,7 @@ class DataSettings:
     prefetch_factor: int = 2
     persistent_workers: bool = True
     crop_size: int | None = None          # the streamed crop (None: the dataset's default)
+    label_noise: float = 0.0              # the share of training labels moved to another class
 
     def loader_options(self) -> dict:
         """The DataLoader settings the batch iterators take (``dataload.train_batches``, ``eval_batches``)."""

@@ -20,6 +20,9 @@ and ``--resume`` (and ``--teacher`` for the teacher and the student trained alon
 pipeline's command reaches every step unchanged. A step whose final result is complete is skipped; a step
 that left outputs behind (a checkpoint, a finished first phase) runs with ``--resume``; so a killed
 pipeline continues where it stopped when the same command is run again. ``--overwrite`` reruns every step.
+The teacher has its own budget and data flags (``--teacher_epochs``, ``--teacher_schedule``,
+``--teacher_train_subset``, ``--teacher_label_noise``); ``--concurrent_seeds N`` runs the steps in N worker
+processes (``pipeline_workers``).
 """
 import json
 from dataclasses import dataclass
@@ -31,11 +34,13 @@ from dihkit.console.recipe_flags import parse_command
 from dihkit.foundations.errors import UserError
 from dihkit.foundations.registry import REGISTRY
 from dihkit.files.atomic_files import atomic_write_json
+from dihkit.results.pipeline_workers import run_steps
 from dihkit.runs.run_outputs import RunPaths, console_command, output_exists
 
 # Flags the pipeline sets per step, or that only the pipeline reads; all others are passed through.
 OWNED = frozenset({"help", "training_type", "path_to_save", "saved_path", "saved_intermediates_directory", "seed",
-                   "resume", "overwrite", "methods", "teacher_epochs", "teacher_schedule"})
+                   "resume", "overwrite", "methods", "teacher_epochs", "teacher_schedule", "teacher_train_subset",
+                   "teacher_label_noise", "concurrent_seeds"})
 MANIFEST = "pipeline.json"
 
 
@@ -47,6 +52,7 @@ class Step:
     argv: tuple
     output: Path           # the step's --path_to_save
     final: RunPaths        # where the step's final model and result land
+    after: tuple = ()      # the names of the steps whose outputs it reads (the teacher, the heads)
 
     def finished(self) -> bool:
         """The final result is complete and its model is there: nothing to do."""
@@ -117,28 +123,36 @@ def plan(args, parser, root: Path) -> list[Step]:
     """The pipeline's steps in order: teacher, heads, then every method for the first seed, the second..."""
     flags = passthrough(args, parser)
 
-    def step(name: str, training_type: str, output: Path, seed: int, final: RunPaths, **own) -> Step:
+    def step(name: str, training_type: str, output: Path, seed: int, final: RunPaths, after=(), **own) -> Step:
         tokens = {"training_type": ["--training_type", training_type]}
         tokens.update((k, v) for k, v in flags.items() if k not in own)
         tokens.update(own, path_to_save=["--path_to_save", str(output)], seed=["--seed", str(seed)])
-        return Step(name, training_type, tuple(t for group in tokens.values() for t in group), output, final)
+        return Step(name, training_type, tuple(t for group in tokens.values() for t in group), output, final,
+                    tuple(after))
 
     first = args.seed[0]
     steps = []
+    trained = {}  # what this pipeline trains for its students ("teacher", "heads"): the step's name
     if args.saved_path:
         teacher = Path(args.saved_path)
     else:
         teacher = root / "teacher.pth"
+        trained["teacher"] = f"teacher {args.teacher}"
         own = {"teacher": ["--teacher", args.teacher]}
         if args.teacher_epochs is not None:
             own["epochs"] = ["--epochs", str(args.teacher_epochs)]
         if args.teacher_schedule is not None:
             own["schedule"] = ["--schedule", *map(str, args.teacher_schedule)]
-        steps.append(step(f"teacher {args.teacher}", "ce", teacher, first, RunPaths.for_output(teacher), **own))
+        if args.teacher_train_subset is not None:
+            own["train_subset"] = ["--train_subset", str(args.teacher_train_subset)]
+        if args.teacher_label_noise is not None:
+            own["label_noise"] = ["--label_noise", str(args.teacher_label_noise)]
+        steps.append(step(trained["teacher"], "ce", teacher, first, RunPaths.for_output(teacher), **own))
     heads = Path(args.saved_intermediates_directory) if args.saved_intermediates_directory else root / "heads"
     if any("heads" in REGISTRY[m].needs for m in args.methods) and not args.saved_intermediates_directory:
         steps.append(step("heads", "fine_tune", heads, first, RunPaths.for_output(heads, is_dir=True),
-                          saved_path=["--saved_path", str(teacher)]))
+                          after=trained.values(), saved_path=["--saved_path", str(teacher)]))
+        trained["heads"] = "heads"
     for seed in args.seed:
         for method in args.methods:
             t, out = REGISTRY[method], root / f"{method}_s{seed}.pth"
@@ -148,12 +162,29 @@ def plan(args, parser, root: Path) -> list[Step]:
             if "heads" in t.needs:
                 own["saved_intermediates_directory"] = ["--saved_intermediates_directory", str(heads)]
             steps.append(step(f"{method} seed {seed}", method, out, seed, RunPaths.for_output(t.final_output(out)),
-                              **own))
+                              after=[trained[n] for n in sorted(t.needs) if n in trained], **own))
     return steps
 
 
+def jobs_to_run(steps: list, finished: set, entries: dict, overwrite: bool) -> list:
+    """``(step, argv)`` of every step not ``finished``, resumed when it left something behind; a finished step is
+    reported skipped. ``entries``: each step's number and manifest entry, by name."""
+    jobs = []
+    for s in steps:
+        i, entry = entries[s.name]
+        if s.name in finished:
+            print(f"== [{i}/{len(steps)}] {s.name}: complete, skipped ('{s.final.result}')", flush=True)
+            entry["status"] = "complete (skipped)"
+        else:
+            argv = list(s.argv) + (["--overwrite"] if overwrite else ["--resume"] if s.started() else [])
+            entry["command"] = console_command(argv)
+            jobs.append((s, argv))
+    return jobs
+
+
 def run_pipeline(args, parser, run_step) -> int:
-    """Run every unfinished step with ``run_step(argv, data_cache)`` (the console's ``run``), then the report."""
+    """Run every unfinished step with ``run_step(argv, data_cache)`` (the console's ``run``), then the report;
+    with ``--concurrent_seeds N`` in N worker processes (``pipeline_workers``)."""
     check(args)
     root = Path(args.path_to_save) if args.path_to_save else default_root(args)
     if root.exists() and not root.is_dir():
@@ -168,20 +199,32 @@ def run_pipeline(args, parser, run_step) -> int:
                 "student": args.student, "methods": args.methods, "seeds": args.seed,
                 "steps": [{"name": s.name, "command": console_command(s.argv),
                            "result": str(s.final.result), "status": "pending"} for s in steps]}
-    data_cache = {}  # every step reads the same data: load it once
-    for i, (s, entry) in enumerate(zip(steps, manifest["steps"]), start=1):
-        if s.name in finished:
-            print(f"== [{i}/{len(steps)}] {s.name}: complete, skipped ('{s.final.result}')", flush=True)
-            entry["status"] = "complete (skipped)"
-            continue
-        argv = list(s.argv) + (["--overwrite"] if args.overwrite else ["--resume"] if s.started() else [])
-        entry.update(status="started", command=console_command(argv))
+    entries = {s.name: (i, entry) for i, (s, entry) in enumerate(zip(steps, manifest["steps"]), start=1)}
+    jobs = jobs_to_run(steps, finished, entries, args.overwrite)
+
+    def started(s: Step, log: Path | None = None) -> None:
+        i, entry = entries[s.name]
+        entry["status"] = "started"
         atomic_write_json(root / MANIFEST, manifest)
-        print(f"== [{i}/{len(steps)}] {s.name}: {entry['command']}", flush=True)
-        code = run_step(argv, data_cache)
-        if code:
-            return code
+        print(f"== [{i}/{len(steps)}] {s.name}: {entry['command']}" + (f" (output in '{log}')" if log else ""),
+              flush=True)
+
+    def ended(s: Step) -> None:
+        i, entry = entries[s.name]
         entry["status"] = "complete"
+        atomic_write_json(root / MANIFEST, manifest)
+        print(f"== [{i}/{len(steps)}] {s.name}: done", flush=True)
+
+    if args.concurrent_seeds > 1:
+        run_steps(jobs, run_step, args.concurrent_seeds, started, ended)
+    else:
+        data_cache = {}  # every step reads the same data: load it once
+        for s, argv in jobs:
+            started(s)
+            code = run_step(argv, data_cache)
+            if code:
+                return code
+            ended(s)
     atomic_write_json(root / MANIFEST, manifest)
     print(report.write_report([root], root / "report", plots=True))
     return 0

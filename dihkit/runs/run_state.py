@@ -159,7 +159,7 @@ def check_same_data(state: dict, data_id: str, path: Path) -> None:
     fingerprint was recorded carry none and are not checked)."""
     if state.get("data", data_id) != data_id:
         raise UserError(f"--resume refused: the training data differ from those of the earlier run '{path}' "
-                        f"(another --data_dir, other files in it, --train_subset or --val_size)")
+                        f"(another --data_dir, other files in it, --train_subset, --label_noise or --val_size)")
 
 
 def cohort_fingerprint(method: nn.Module) -> str | None:
