@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dihkit.console.concurrent_seeds import threads_per_process
+from dihkit.files.atomic_files import open_log
 from dihkit.foundations.errors import UserError
 
 _DATA = {}  # a worker's datasets, by their flags: loaded once, shared by its steps
@@ -27,8 +28,7 @@ def _start_worker(threads: int) -> None:
 def _run_in_worker(run_step, argv: list, log: str) -> int:
     """One step in a worker, its output in ``log``: the step's exit code (2 for a refused command, 1 for a crash,
     whose traceback the log keeps)."""
-    Path(log).parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f, redirect_stdout(f), redirect_stderr(f):
+    with open_log(log) as f, redirect_stdout(f), redirect_stderr(f):
         try:
             return run_step(argv, _DATA)
         except UserError as e:
