@@ -119,7 +119,7 @@ def run(argv=None, data_cache: dict | None = None) -> int:
     if args.summary:
         trains_teacher = t is None or t.trains == "teacher"
         summarize(cfg.models.teacher if trains_teacher else cfg.models.student, cfg.data.dataset,
-                  cfg.data.data_dir, device)
+                  cfg.data.data_dir, device, cfg.data.crop_size)
         return 0
     seeds = args.seed if t is not None else args.seed[:1]
     out = Path(args.path_to_save) if args.path_to_save else (

@@ -129,6 +129,14 @@ def test_memory_budget_chooses_between_memory_and_stream(tmp_path):
     assert not dataload.load_data("imagefolder", str(folder), stream="no", budget=dataload.MemoryBudget(0, "x")).streamed
 
 
+@pytest.mark.parametrize("crop, first_map", [(64, "[-1, 64, 32, 32]"), (96, "[-1, 64, 48, 48]")])
+def test_summary_shows_the_network_at_the_streamed_crop(tree, capsys, crop, first_map):
+    """``--summary`` builds the input the run trains on: ``--crop_size``, not ImageNet's default 224."""
+    assert run_inprocess(["--summary", "--training_type", "ce", "--dataset", "imagenet", "--data_dir", tree,
+                          "--crop_size", crop, "--teacher", "resnet18", "--gpu_id", "cpu"]) == 0
+    assert capsys.readouterr().out.split("Conv2d-1", 1)[1].split("\n", 1)[0].split()[0:4] == first_map.split()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data_path", "device"], "--dataset imagenet is always streamed"),
     (["--data_dir", "{tmp}"], "ImageNet needs"),

@@ -7,13 +7,15 @@ every step trains exactly as it would in one process. Each step's output goes to
 """
 import concurrent.futures as cf
 import multiprocessing
+import signal
+import sys
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
 
-from dihkit.console.concurrent_seeds import threads_per_process
+from dihkit.console.concurrent_seeds import sigterm_passed_on, threads_per_process
 from dihkit.files.atomic_files import open_log
 from dihkit.foundations.errors import UserError
 
@@ -21,8 +23,18 @@ _DATA = {}  # a worker's datasets, by their flags: loaded once, shared by its st
 
 
 def _start_worker(threads: int) -> None:
-    """A worker's intra-op threads: the console's share of the CPU per process (``threads_per_process``)."""
+    """A worker's intra-op threads: the console's share of the CPU per process (``threads_per_process``); a
+    signal outside a step's training ends it as an exit does, closing its files (a training phase handles
+    signals its own way)."""
     torch.set_num_threads(threads)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_on_signal)
+
+
+def _exit_on_signal(signum, frame):
+    """End the worker quietly: a default SIGTERM would leave its semaphores to the resource tracker's warnings,
+    a default SIGINT would print a traceback."""
+    sys.exit(128 + signum)
 
 
 def _run_in_worker(run_step, argv: list, log: str) -> int:
@@ -50,8 +62,10 @@ def run_steps(jobs: list, run_step, workers: int, started, ended) -> None:
     nothing more, and is raised as one sentence naming its log."""
     pending, running, failed = list(jobs), {}, None
     context = multiprocessing.get_context("spawn")
+    # Leaving the pool's block waits for its workers, a signalled one too.
     with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                initargs=(threads_per_process(workers),)) as pool:
+                                initargs=(threads_per_process(workers),)) as pool, \
+            sigterm_passed_on(lambda: [p.pid for p in multiprocessing.active_children()], "the pipeline's workers"):
         while pending or running:
             # A step waits for the steps it needs that are still to run here (a skipped one has finished before).
             waiting = {s.name for s, _ in pending} | {s.name for s, _ in running.values()}
